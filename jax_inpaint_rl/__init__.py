@@ -1,0 +1,1 @@
+"""RL fine-tuning of inpainting diffusion models in JAX."""
