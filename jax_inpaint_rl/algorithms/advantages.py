@@ -1,0 +1,64 @@
+"""Group-relative advantages (REFERENCE_MATH.md section 2), jit-able with uneven groups.
+
+Groups are given by integer ids, so a batch may hold groups of different sizes
+(e.g. after dropping failed rewards). Dropped or zero-signal samples come back as
+a `keep` mask: shapes stay static under jit, and losses weight by it.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+STD_EPS = 1e-4
+
+
+class Advantages(NamedTuple):
+    advantages: jax.Array  # (B,) clipped
+    keep: jax.Array  # (B,) bool: False for samples of groups with no signal
+
+
+def _group_mean(values, group_ids, num_groups, weights):
+    total = jax.ops.segment_sum(values * weights, group_ids, num_groups)
+    count = jax.ops.segment_sum(weights, group_ids, num_groups)
+    return (total / jnp.maximum(count, 1.0))[group_ids]
+
+
+def group_advantages(rewards, group_ids, num_groups: int, *, baseline: str = "group", std: str = "batch",
+                     clip: float = 5.0, valid=None, drop_zero_signal: bool = True) -> Advantages:
+    """A = (r - mean) / (std + 1e-4), clipped to +-clip.
+
+    baseline: 'group' (per-prompt mean) or 'batch' (one mean; the seeds'
+    per_prompt_stat_tracking=False). std: 'batch' (flow_grpo's choice for
+    SD3/Flux/Qwen), 'group' (per prompt) or 'none'. `valid` (B,) excludes samples
+    (e.g. failed rewards) from every statistic. Population std (ddof 0) throughout.
+    """
+    rewards = rewards.astype(jnp.float32)
+    valid = jnp.ones_like(rewards) if valid is None else valid.astype(jnp.float32)
+    if baseline == "group":
+        center = _group_mean(rewards, group_ids, num_groups, valid)
+    elif baseline == "batch":
+        center = jnp.sum(rewards * valid) / jnp.maximum(valid.sum(), 1.0)
+    else:
+        raise ValueError(f"advantage baseline {baseline!r}: expected 'group' or 'batch'")
+    centered = (rewards - center) * valid
+    if std == "group":
+        normalized = centered / (jnp.sqrt(_group_mean(centered**2, group_ids, num_groups, valid)) + STD_EPS)
+    elif std == "batch":
+        batch_mean = jnp.sum(rewards * valid) / jnp.maximum(valid.sum(), 1.0)
+        batch_var = jnp.sum(((rewards - batch_mean) * valid) ** 2) / jnp.maximum(valid.sum(), 1.0)
+        normalized = centered / (jnp.sqrt(batch_var) + STD_EPS)
+    elif std == "none":
+        normalized = centered
+    else:
+        raise ValueError(f"advantage std {std!r}: expected 'group', 'batch' or 'none'")
+    advantages = jnp.clip(normalized, -clip, clip)
+    keep = valid > 0
+    if drop_zero_signal:
+        signal = jax.ops.segment_max(jnp.abs(advantages) * valid, group_ids, num_groups) > 0
+        keep = keep & signal[group_ids]
+    return Advantages(jnp.where(keep, advantages, 0.0), keep)
+
+
+def group_ids_for(num_groups: int, group_size: int):
+    """Group-major ids [0,0,..,1,1,..] matching `rollout.initial_noise`."""
+    return jnp.repeat(jnp.arange(num_groups), group_size)

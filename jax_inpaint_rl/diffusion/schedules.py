@@ -1,0 +1,92 @@
+"""Sampling schedules, computed on the host in float64 and handed to jit as fp32 arrays.
+
+Each schedule is a dict of per-step arrays with a leading axis of length
+`num_steps`, so `lax.scan` can slice one step at a time and a training batch can
+gather per-sample steps with `take_steps`:
+- flow matching: `model_t` (what the denoiser receives, sigma in [0, 1]),
+  `sigma`, `sigma_next`, and `sigma_safe` (sigma with the value 1 replaced by the
+  schedule's second sigma, the denominator Flow-GRPO uses to avoid 1/0);
+- DDIM: `model_t` (integer DDPM timestep), `alpha_bar`, `alpha_bar_prev`.
+They match diffusers' FlowMatchEulerDiscreteScheduler and DDIMScheduler as the
+SD3 / Flux / SD1.5 pipelines configure them (tests compare them directly).
+"""
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+Schedule = dict[str, jnp.ndarray]
+
+
+def sd3_shift(sigma, shift: float):
+    """SD3's static shift: sigma' = s sigma / (1 + (s - 1) sigma)."""
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+            base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Flux's resolution-dependent shift exponent, linear in the image token count."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return base_shift + slope * (image_seq_len - base_seq_len)
+
+
+def flux_shift(sigma, mu: float):
+    """sigma' = e^mu / (e^mu + (1 / sigma - 1))."""
+    return math.exp(mu) / (math.exp(mu) + (1.0 / sigma - 1.0))
+
+
+def _flow_schedule(sigmas: np.ndarray) -> Schedule:
+    sigmas = np.append(sigmas, 0.0)
+    current, following = sigmas[:-1], sigmas[1:]
+    safe = np.where(current == 1.0, sigmas[1], current)
+    return {name: jnp.asarray(value, jnp.float32) for name, value in
+            dict(model_t=current, sigma=current, sigma_next=following, sigma_safe=safe).items()}
+
+
+def sd3_schedule(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> Schedule:
+    """SD3 pipeline: timesteps linear between shifted sigma_max and sigma_min, then shifted."""
+    sigma_min = sd3_shift(1.0 / num_train_timesteps, shift)
+    sigmas = np.linspace(1.0, sigma_min, num_steps)
+    return _flow_schedule(sd3_shift(sigmas, shift))
+
+
+def flux_schedule(num_steps: int, image_seq_len: int, **shift_kwargs) -> Schedule:
+    """Flux pipelines: sigmas linspace(1, 1/N, N), shifted by mu(image tokens)."""
+    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
+    return _flow_schedule(flux_shift(sigmas, flux_mu(image_seq_len, **shift_kwargs)))
+
+
+def scaled_linear_alpha_bar(beta_start: float = 0.00085, beta_end: float = 0.012,
+                            num_train_timesteps: int = 1000) -> np.ndarray:
+    """SD1.5's cumulative alphas: betas linear in sqrt space."""
+    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def ddim_schedule(num_steps: int, *, num_train_timesteps: int = 1000, steps_offset: int = 1,
+                  spacing: str = "leading", set_alpha_to_one: bool = False,
+                  alpha_bar: np.ndarray | None = None) -> Schedule:
+    """DDIMScheduler.set_timesteps as SD1.5 configures it (leading spacing, offset 1)."""
+    alpha_bar = scaled_linear_alpha_bar(num_train_timesteps=num_train_timesteps) if alpha_bar is None else alpha_bar
+    if spacing == "leading":
+        ratio = num_train_timesteps // num_steps
+        timesteps = (np.arange(num_steps) * ratio).round()[::-1].astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        timesteps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)).astype(np.int64) - 1
+    else:
+        raise ValueError(f"ddim spacing {spacing!r}: expected 'leading' or 'trailing'")
+    previous = timesteps - num_train_timesteps // num_steps
+    final = 1.0 if set_alpha_to_one else alpha_bar[0]
+    alpha_bar_prev = np.where(previous >= 0, alpha_bar[np.clip(previous, 0, None)], final)
+    return {"model_t": jnp.asarray(timesteps, jnp.float32),
+            "alpha_bar": jnp.asarray(alpha_bar[timesteps], jnp.float32),
+            "alpha_bar_prev": jnp.asarray(alpha_bar_prev, jnp.float32)}
+
+
+def num_steps(schedule: Schedule) -> int:
+    return int(schedule["model_t"].shape[0])
+
+
+def take_steps(schedule: Schedule, step_index) -> Schedule:
+    """Per-sample coefficients for integer step indices of any shape."""
+    return {name: jnp.take(values, step_index, axis=0) for name, values in schedule.items()}

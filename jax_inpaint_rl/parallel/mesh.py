@@ -1,0 +1,49 @@
+"""Device meshes from config and the shardings the trainer puts batches and params on.
+
+The batch axis is split over every data-parallel mesh axis ('data' and 'fsdp');
+'tensor' splits weights. The same code runs on 1 CPU or a multi-host mesh: only
+the axis sizes change.
+"""
+import math
+from typing import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
+    """Mesh over `devices` (all by default); one axis may be -1 to take the remaining devices."""
+    devices = jax.devices() if devices is None else devices
+    unknown = set(axis_sizes) - set(AXES)
+    if unknown:
+        raise ValueError(f"mesh axes {sorted(unknown)} unknown; expected a subset of {AXES}")
+    sizes = {axis: int(axis_sizes.get(axis, 1)) for axis in AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: only one axis may be -1, got {free}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(f"mesh: {len(devices)} devices do not divide into fixed axes of size {fixed}")
+        sizes[free[0]] = len(devices) // fixed
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}")
+    grid = np.asarray(devices).reshape([sizes[axis] for axis in AXES])
+    return Mesh(grid, AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the data-parallel axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
