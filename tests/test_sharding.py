@@ -51,7 +51,7 @@ def test_mesh_from_config_and_errors():
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": -1})
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     assert mesh_lib.data_parallel_size(mesh) == 8
-    with pytest.raises(ValueError, match="needs 6 devices"):
-        mesh_lib.make_mesh({"data": 3, "tensor": 2})
+    with pytest.raises(ValueError, match="needs 12 devices"):
+        mesh_lib.make_mesh({"data": 3, "tensor": 4})
     with pytest.raises(ValueError, match="unknown"):
         mesh_lib.make_mesh({"model": 8})

@@ -16,7 +16,10 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
-    """Mesh over `devices` (all by default); one axis may be -1 to take the remaining devices."""
+    """Mesh over `devices` (all by default); one axis may be -1 to take the remaining devices.
+
+    Fixed sizes that need fewer devices than there are use the first ones
+    (e.g. a 1-device run on a host with 8)."""
     devices = jax.devices() if devices is None else devices
     unknown = set(axis_sizes) - set(AXES)
     if unknown:
@@ -30,9 +33,10 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
         if len(devices) % fixed:
             raise ValueError(f"mesh: {len(devices)} devices do not divide into fixed axes of size {fixed}")
         sizes[free[0]] = len(devices) // fixed
-    if math.prod(sizes.values()) != len(devices):
-        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}")
-    grid = np.asarray(devices).reshape([sizes[axis] for axis in AXES])
+    needed = math.prod(sizes.values())
+    if needed > len(devices):
+        raise ValueError(f"mesh {sizes} needs {needed} devices, have {len(devices)}")
+    grid = np.asarray(devices[:needed]).reshape([sizes[axis] for axis in AXES])
     return Mesh(grid, AXES)
 
 

@@ -1,0 +1,94 @@
+"""Defaults shared by every recipe; each field has the meaning of the seeds' flag named in its comment."""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.output_dir = "runs/default"  # --output_dir
+
+    c.model = ml_collections.ConfigDict()
+    c.model.family = "sd15_inpaint"  # --model_type: sd15_inpaint | flux_fill | flux_kontext | flux_dev
+    c.model.path = ""  # --pretrained_model_name_or_path: a folder written by tools.convert_weights
+    c.model.tiny = False  # build a tiny randomly initialised model instead (demo, tests)
+    c.model.param_dtype = "float32"  # weights kept in this dtype
+    c.model.compute_dtype = "float32"  # --mixed_precision: bfloat16 runs the denoiser in bf16
+    c.model.remat = False  # --gradient_checkpointing
+
+    c.data = ml_collections.ConfigDict()
+    c.data.format = "synthetic"  # synthetic | self_bench | jsonl (--train_data_json)
+    c.data.path = ""  # dataset file or folder
+    c.data.eval_path = ""  # held-out set (synthetic: a different seed)
+    c.data.resolution = 512  # --resolution
+    c.data.num_examples = 64  # synthetic only: examples generated
+    c.data.num_eval_examples = 16  # synthetic only
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_steps = 10  # --rl_num_inference_steps
+    c.sample.eval_num_steps = 10  # steps for evaluation images (deterministic solver)
+    c.sample.guidance_scale = 3.5  # --rl_guidance_scale
+    c.sample.sampler = "flow_grpo"  # flow_grpo | dance_grpo | cps | ddim (ode is used outside the window)
+    c.sample.noise_level = 0.7  # a (Flow-GRPO / CPS) or eta (DanceGRPO / DDIM)
+    c.sample.window_size = 0  # SDE window length in steps; 0 = every step is stochastic
+    c.sample.window_max_start = 0  # window start drawn uniformly in [0, window_max_start] per rollout
+    c.sample.images_per_prompt = 4  # --rl_num_images_per_prompt (group size k)
+    c.sample.prompts_per_batch = 2  # prompts per rollout batch
+    c.sample.batches_per_epoch = 1  # --rl_num_batches_per_epoch
+    c.sample.same_noise_per_group = False  # same initial noise for a group's k images
+    c.sample.sd3_shift = 3.0  # flow schedule shift for families without resolution-dependent shift
+
+    c.train = ml_collections.ConfigDict()
+    c.train.use_rl = True  # --use_rl: False runs SFT only
+    c.train.method = "grpo"  # --rl_method: grpo | nft | dpo | sft
+    c.train.num_epochs = 10  # RL epochs (rollout + inner updates each)
+    c.train.warmup_steps = 0  # --rl_warmup_steps: SFT steps before RL
+    c.train.learning_rate = 1e-4  # --learning_rate
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.weight_decay = 1e-4
+    c.train.max_grad_norm = 1.0
+    c.train.minibatch_size = 4  # samples per update (--train_batch_size)
+    c.train.gradient_accumulation_steps = 1  # --gradient_accumulation_steps
+    c.train.inner_epochs = 1  # --rl_num_inner_epochs
+    c.train.timestep_fraction = 1.0  # --rl_timestep_fraction
+    c.train.timestep_mode = "shuffle"  # first | shuffle | one (one-step GRPO)
+    c.train.clip_range = 1e-4  # --rl_grpo_clip_range (ratios of mean-over-dims log-probs: tiny)
+    c.train.adv_clip_max = 5.0  # --rl_adv_clip_max
+    c.train.kl_beta = 0.0  # --rl_kl_beta
+    c.train.nft_beta = 0.5  # --nft_beta
+    c.train.nft_adv_mode = "normal"  # --nft_adv_mode
+    c.train.nft_decay_type = 1  # --nft_decay_type
+    c.train.dpo_beta = 100.0  # Diffusion-DPO beta (5000 for SD1.5 epsilon, ~100 flow)
+    c.train.dpo_ref_update_interval = 0  # online DPO: refresh the reference every N updates (0 = never)
+    c.train.sft_mask_weight_inside = 1.0  # SFT loss weight inside the mask
+    c.train.sft_mask_weight_outside = 1.0  # SFT loss weight outside the mask
+    c.train.max_nonfinite_steps = 5  # stop after this many non-finite updates in a row
+
+    c.advantage = ml_collections.ConfigDict()
+    c.advantage.per_prompt_stat_tracking = True  # --rl_per_prompt_stat_tracking: group mean (else batch mean)
+    c.advantage.std = "batch"  # batch | group | none
+    c.advantage.drop_zero_signal = True
+
+    c.ema = ml_collections.ConfigDict()
+    c.ema.enabled = False  # --use_ema
+    c.ema.decay = 0.9999  # --ema_decay
+    c.ema.interval = 1  # --ema_update_interval
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.weights = {"reference_similarity": 1.0}  # name -> weight (seed 000: ocr + vlm)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.interval = 5  # --checkpointing_steps (in epochs)
+    c.checkpoint.keep = 2
+    c.checkpoint.resume = True  # continue from the latest checkpoint in output_dir
+    c.checkpoint.init_from = ""  # --initial_ip_adapter_path / resume path: params to start from
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.interval = 5  # epochs between evaluations
+    c.eval.num_grid = 8  # examples shown in the PNG grid
+    return c

@@ -1,0 +1,39 @@
+"""Build a run's pieces from its config: model family, data loaders, reward.
+
+Every check here runs before anything is compiled, so a wrong path or name fails
+in seconds with a message that names it.
+"""
+import importlib
+import os
+
+FAMILY_MODULES = {
+    "sd15_inpaint": "jax_inpaint_rl.models.sd15_inpaint",
+    "flux_fill": "jax_inpaint_rl.models.flux",
+    "flux_kontext": "jax_inpaint_rl.models.flux",
+    "flux_dev": "jax_inpaint_rl.models.flux",
+}
+
+
+def build_family(config):
+    """(Family, params): a converted folder at model.path, or a tiny random model when model.tiny."""
+    name = config.model.family
+    if name not in FAMILY_MODULES:
+        raise ValueError(f"config: model.family={name!r}: expected one of {sorted(FAMILY_MODULES)}")
+    module = importlib.import_module(FAMILY_MODULES[name])
+    if config.model.tiny:
+        return module.tiny(name=name, seed=config.seed, dtype=config.model.compute_dtype)
+    path = config.model.path
+    if not path:
+        raise ValueError("config: model.path is empty: convert weights with `python -m tools.convert_weights "
+                         f"{name.replace('_', '-')} --src ... --dst DIR` and pass --config.model.path=DIR")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"config: model.path={path}: no such folder")
+    return module.load(path, name=name, dtype=config.model.compute_dtype, remat=config.model.remat)
+
+
+def build_loaders(config):
+    raise NotImplementedError
+
+
+def build_reward(config):
+    raise NotImplementedError

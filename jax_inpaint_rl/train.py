@@ -1,0 +1,439 @@
+"""python -m jax_inpaint_rl.train --config=configs/<recipe>.py [--config.a.b=value ...]
+
+The loop composes family x algorithm x reward x data: roll out with log-probs,
+score on the host, compute group advantages, then run the algorithm's jitted
+update over shuffled minibatches. GRPO, NFT, DPO and SFT share the update program;
+only the objective differs.
+"""
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from jax_inpaint_rl import programs, report
+from jax_inpaint_rl.algorithms import advantages as adv_lib
+from jax_inpaint_rl.algorithms import dpo, grpo, nft, objectives
+from jax_inpaint_rl.algorithms.ema import ema_update
+from jax_inpaint_rl.checkpoint.manager import Checkpointer
+from jax_inpaint_rl.diffusion import rollout as rollout_lib
+from jax_inpaint_rl.diffusion.steps import STEP_FUNCTIONS, Sampler
+from jax_inpaint_rl.parallel import mesh as mesh_lib
+from jax_inpaint_rl.setup import build_family, build_loaders, build_reward
+
+METHODS = ("grpo", "nft", "dpo", "sft")
+RATIO_WARNING = 1e-3  # |ratio - 1| above this before any update means rollout and training disagree
+
+
+def validate(config) -> None:
+    """Reject bad values before anything is loaded or compiled."""
+    checks = [
+        (config.train.method in METHODS, f"train.method={config.train.method!r}: expected one of {METHODS}"),
+        (config.sample.sampler in STEP_FUNCTIONS,
+         f"sample.sampler={config.sample.sampler!r}: expected one of {sorted(STEP_FUNCTIONS)}"),
+        (config.sample.images_per_prompt >= 1, "sample.images_per_prompt must be >= 1"),
+        (config.train.minibatch_size >= 1, "train.minibatch_size must be >= 1"),
+        (0 < config.train.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]"),
+        (config.train.nft_adv_mode in nft.ADV_MODES, f"train.nft_adv_mode: expected one of {nft.ADV_MODES}"),
+        (config.advantage.std in ("batch", "group", "none"), "advantage.std: expected batch, group or none"),
+    ]
+    rl = config.train.use_rl and config.train.method != "sft"
+    if rl:
+        batch = config.sample.prompts_per_batch * config.sample.images_per_prompt * config.sample.batches_per_epoch
+        checks.append((config.sample.images_per_prompt >= 2,
+                       "sample.images_per_prompt must be >= 2 for group-relative RL"))
+        checks.append((batch % config.train.minibatch_size == 0 or config.train.method == "dpo",
+                       f"train.minibatch_size={config.train.minibatch_size} must divide the rollout batch {batch}"))
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"config: {message}")
+
+
+def initial_state(denoiser_params, optimizer, config, key) -> dict[str, Any]:
+    """Everything a resume needs, as one pytree."""
+    method, rl = config.train.method, config.train.use_rl and config.train.method != "sft"
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731
+    state = {"params": denoiser_params, "opt_state": optimizer.init(denoiser_params),
+             "step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(key)}
+    if config.ema.enabled:
+        state["ema"] = copy(denoiser_params)
+    if rl and method == "nft":
+        state["old"] = copy(denoiser_params)
+    if rl and (method == "dpo" or config.train.kl_beta > 0):
+        state["ref"] = copy(denoiser_params)
+    return state
+
+
+def _split(state, count: int = 2):
+    keys = jax.random.split(jax.random.wrap_key_data(state["rng"]), count + 1)
+    return {**state, "rng": jax.random.key_data(keys[0])}, keys[1:]
+
+
+def _repeat(batch: dict, times: int) -> dict:
+    """Each prompt's example `times` times in a row (group-major), lists included."""
+    return {name: ([v for v in value for _ in range(times)] if isinstance(value, list)
+                   else np.repeat(value, times, axis=0)) for name, value in batch.items()}
+
+
+def _take(tree, index):
+    return jax.tree.map(lambda a: jnp.take(a, index, axis=0), tree)
+
+
+def _concat(trees):
+    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves, axis=0), *trees)
+
+
+class Run:
+    """Holds the built pieces of one training run; `fit()` runs it."""
+
+    def __init__(self, config, family=None, params=None, train_loader=None, eval_loader=None,
+                 reward_fn: Callable | None = None):
+        validate(config)
+        self.config = config
+        os.makedirs(config.output_dir, exist_ok=True)
+        with open(os.path.join(config.output_dir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        if family is None:
+            family, params = build_family(config)
+        if train_loader is None:
+            train_loader, eval_loader = build_loaders(config)
+        self.family, self.train_loader, self.eval_loader = family, train_loader, eval_loader
+        self.reward_fn = reward_fn if reward_fn is not None else build_reward(config)
+        self.mesh = mesh_lib.make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp,
+                                        "tensor": config.mesh.tensor})
+        self.replicated, self.sharded = mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)
+        self.frozen_params = jax.device_put({k: v for k, v in params.items() if k != family.denoiser_key},
+                                            self.replicated)
+        _check_divisible(config, mesh_lib.data_parallel_size(self.mesh))
+        resolution = config.data.resolution
+        self.latent_shape = family.latent_shape(resolution, resolution)
+        self.window_total = config.sample.num_steps
+        rl_sampler = Sampler(config.sample.sampler, config.sample.noise_level)
+        self.schedule = programs.make_schedule(family, config, config.sample.num_steps, self.latent_shape)
+        self.policy = programs.make_policy(family, config, self.schedule, rl_sampler, config.sample.guidance_scale)
+        eval_schedule = programs.make_schedule(family, config, config.sample.eval_num_steps, self.latent_shape)
+        self.eval_policy = programs.make_policy(family, config, eval_schedule, rl_sampler,
+                                                config.sample.guidance_scale)
+        self.encode = programs.make_encode(family)
+        self.encode_image = programs.make_encode_image(family)
+        self.decode = programs.make_decode(family)
+        self.sample = programs.make_sample(self.policy)
+        self.sample_eval = programs.make_sample(self.eval_policy)
+        self.optimizer = programs.make_optimizer(config.train.learning_rate, config)
+        self.updates = {}
+        self.state = jax.device_put(
+            initial_state(params[family.denoiser_key], self.optimizer, config, jax.random.key(config.seed)),
+            self.replicated)
+        self.history: list[dict] = []
+        self.epoch = 0
+        self.log = report.MetricLog(config.output_dir, enabled=jax.process_index() == 0)
+        self.checkpointer = Checkpointer(os.path.join(config.output_dir, "checkpoints"), keep=config.checkpoint.keep)
+        self._stop_requested = False
+
+    # ---------- programs ----------
+
+    def update_for(self, method: str):
+        if method not in self.updates:
+            t = self.config.train
+            kwargs = {
+                "grpo": dict(clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, kl_beta=t.kl_beta),
+                "nft": dict(beta=t.nft_beta, adv_clip_max=t.adv_clip_max, adv_mode=t.nft_adv_mode,
+                            kl_beta=t.kl_beta),
+                "dpo": dict(beta=t.dpo_beta),
+                "sft": dict(mask_weight_inside=t.sft_mask_weight_inside,
+                            mask_weight_outside=t.sft_mask_weight_outside),
+            }[method]
+            objective = lambda policy, p, frozen, batch, key: objectives.OBJECTIVES[method](  # noqa: E731
+                policy, p, frozen, batch, key, **kwargs)
+            self.updates[method] = programs.make_update(self.policy, objective, self.optimizer, self.config.ema)
+        return self.updates[method]
+
+    def _apply_update(self, method: str, batch) -> dict:
+        self.state, (key,) = _split(self.state, 1)
+        self.state, metrics = self.update_for(method)(self.state, self._shard(batch), key)
+        metrics = jax.device_get(metrics)
+        if int(self.state["nonfinite"]) >= self.config.train.max_nonfinite_steps:
+            self.save()
+            raise FloatingPointError(
+                f"{int(self.state['nonfinite'])} non-finite updates in a row (train.max_nonfinite_steps); "
+                f"the last good state is saved in {self.checkpointer.directory}")
+        return metrics
+
+    def _shard(self, tree):
+        """Per-sample arrays split over the data axes; anything else (e.g. the (T,) window) replicated."""
+        leaves = jax.tree.leaves(tree)
+        batch = max(np.shape(leaf)[0] for leaf in leaves if np.ndim(leaf))
+        return jax.tree.map(lambda a: jax.device_put(a, self.sharded if np.ndim(a) and np.shape(a)[0] == batch
+                                                     else self.replicated), tree)
+
+    # ---------- data -> conditioning ----------
+
+    def _condition(self, batch):
+        family = self.family
+        tokens = family.tokenize(batch["prompt"])
+        negative = family.tokenize([""] * len(batch["prompt"]))
+        tokens, negative, image, mask = self._shard((tokens, negative, np.asarray(batch["image"], np.float32),
+                                                     np.asarray(batch["mask"], np.float32)))
+        return self.encode(self.frozen_params, tokens, negative, image, mask), image, mask
+
+    # ---------- phases ----------
+
+    def sft_step(self) -> dict:
+        batch = self.train_loader.next()
+        cond, _, _ = self._condition(batch)
+        x0 = self.encode_image(self.frozen_params, jnp.asarray(batch["target"], jnp.float32))
+        train_batch = {"x0": x0, "cond": cond}
+        image_cond = cond["positive"] if "positive" in cond else cond
+        if "mask" in image_cond and jnp.ndim(image_cond["mask"]) == x0.ndim:
+            train_batch["latent_mask"] = image_cond["mask"]
+        return self._apply_update("sft", train_batch)
+
+    def _window(self, key) -> np.ndarray:
+        s = self.config.sample
+        if self.config.train.method in ("nft",):
+            return np.zeros(self.window_total, np.float32)  # NFT samples with the deterministic solver
+        if s.window_size <= 0:
+            return rollout_lib.sde_window(self.window_total)
+        start = int(jax.random.randint(key, (), 0, s.window_max_start + 1))
+        return rollout_lib.sde_window(self.window_total, start, s.window_size)
+
+    def collect(self) -> tuple[dict, dict]:
+        """Roll out batches_per_epoch batches of k images per prompt; score them on the host."""
+        s, family = self.config.sample, self.family
+        sampling_params = self.state["old"] if self.config.train.method == "nft" else self.state["params"]
+        pieces, rewards, parts = [], [], {}
+        self.state, (window_key,) = _split(self.state, 1)
+        window = self._window(window_key)
+        for _ in tqdm(range(s.batches_per_epoch), desc=f"epoch {self.epoch} rollout", leave=False,
+                      disable=s.batches_per_epoch < 2):
+            batch = _repeat(self.train_loader.next(), s.images_per_prompt)
+            cond, image, mask = self._condition(batch)
+            self.state, (noise_key, sde_key) = _split(self.state)
+            x_init = rollout_lib.initial_noise(noise_key, s.prompts_per_batch, s.images_per_prompt,
+                                               self.latent_shape, s.same_noise_per_group)
+            trajectory = self.sample(sampling_params, cond, self._shard(x_init), sde_key, window)
+            images = report.to_uint8(self.decode(self.frozen_params, trajectory.latents[:, -1], image, mask))
+            scores = self.reward_fn(images, batch["prompt"], _reward_meta(batch))
+            pieces.append({"trajectory": trajectory, "cond": cond})
+            rewards.append(np.asarray(scores["score"], np.float32))
+            for name, value in scores.items():
+                parts.setdefault(name, []).append(np.asarray(value, np.float32))
+        collected = _concat(pieces)
+        parts = {name: np.concatenate(values) for name, values in parts.items()}
+        return collected, {"rewards": np.concatenate(rewards), "parts": parts, "window": window}
+
+    def rl_epoch(self) -> dict:
+        s, t, a = self.config.sample, self.config.train, self.config.advantage
+        collected, scored = self.collect()
+        trajectory, cond = collected["trajectory"], collected["cond"]
+        num_groups = s.prompts_per_batch * s.batches_per_epoch
+        group_ids = adv_lib.group_ids_for(num_groups, s.images_per_prompt)
+        adv = adv_lib.group_advantages(jnp.asarray(scored["rewards"]), group_ids, num_groups,
+                                       baseline="group" if a.per_prompt_stat_tracking else "batch", std=a.std,
+                                       clip=t.adv_clip_max, drop_zero_signal=a.drop_zero_signal)
+        record = {"reward_mean": scored["rewards"].mean(), "reward_std": scored["rewards"].std(),
+                  "advantage_abs_mean": float(jnp.abs(adv.advantages).mean()),
+                  "kept_fraction": float(adv.keep.mean())}
+        for name, values in scored["parts"].items():
+            record[f"reward/{name}_mean"], record[f"reward/{name}_std"] = values.mean(), values.std()
+        if t.method == "dpo":
+            metrics = self._dpo_updates(trajectory, cond, scored["rewards"], num_groups)
+        else:
+            metrics = self._policy_updates(trajectory, cond, adv, scored["window"])
+        record.update(metrics)
+        if t.method == "nft":
+            decay = nft.old_params_decay(self.epoch, t.nft_decay_type)
+            self.state = {**self.state, "old": jax.jit(ema_update)(self.state["old"], self.state["params"], decay)}
+        return record
+
+    def _policy_updates(self, trajectory, cond, adv, window) -> dict:
+        t = self.config.train
+        batch_size = adv.advantages.shape[0]
+        train_window = np.ones(self.window_total, np.float32) if t.method == "nft" else window
+        per_update = []
+        for inner in range(t.inner_epochs):
+            self.state, (perm_key, step_key) = _split(self.state)
+            perm = jax.random.permutation(perm_key, batch_size)
+            step_index = grpo.train_step_indices(step_key, batch_size, train_window, t.timestep_fraction,
+                                                 t.timestep_mode)
+            for start in tqdm(range(0, batch_size, t.minibatch_size), desc=f"epoch {self.epoch} update",
+                              leave=False):
+                idx = perm[start:start + t.minibatch_size]
+                batch = {"latents": trajectory.latents[idx], "log_probs": trajectory.log_probs[idx],
+                         "window": trajectory.window, "cond": _take(cond, idx),
+                         "advantages": adv.advantages[idx], "weight": adv.keep[idx].astype(jnp.float32),
+                         "step_index": step_index[idx]}
+                metrics = self._apply_update(t.method, batch)
+                if inner == 0 and start == 0 and t.method == "grpo":
+                    metrics["first_ratio_deviation"] = max(abs(metrics["ratio_max"] - 1), abs(metrics["ratio_min"] - 1))
+                    if metrics["first_ratio_deviation"] > RATIO_WARNING:
+                        logging.warning("ratio before any update deviates from 1 by %.2e: rollout and training "
+                                        "log-probs disagree", metrics["first_ratio_deviation"])
+                per_update.append(metrics)
+        return _mean_metrics(per_update)
+
+    def _dpo_updates(self, trajectory, cond, rewards, num_groups) -> dict:
+        t, s = self.config.train, self.config.sample
+        winner, loser, has = dpo.winner_loser(jnp.asarray(rewards), num_groups, s.images_per_prompt)
+        clean = trajectory.latents[:, -1]
+        per_update = []
+        for _ in range(t.inner_epochs):
+            self.state, (perm_key,) = _split(self.state, 1)
+            perm = jax.random.permutation(perm_key, num_groups)
+            for start in range(0, num_groups, t.minibatch_size):
+                pairs = perm[start:start + t.minibatch_size]
+                batch = {"winner": clean[winner[pairs]], "loser": clean[loser[pairs]],
+                         "cond": _take(cond, winner[pairs]), "weight": has[pairs].astype(jnp.float32)}
+                per_update.append(self._apply_update("dpo", batch))
+                if t.dpo_ref_update_interval > 0:
+                    self.state = {**self.state, "ref": jax.jit(dpo.refresh_reference, static_argnums=3)(
+                        self.state["ref"], self.state["params"], self.state["step"], t.dpo_ref_update_interval)}
+        return _mean_metrics(per_update)
+
+    # ---------- evaluation, checkpoints ----------
+
+    def evaluate(self, tag: str) -> float:
+        """Deterministic sampling on the held-out set; writes a PNG grid; returns the mean reward."""
+        params = self.state["ema"] if "ema" in self.state else self.state["params"]
+        window = np.zeros(self.config.sample.eval_num_steps, np.float32)
+        scores, grid_rows = [], []
+        self.eval_loader.reset()
+        for batch in self.eval_loader.epoch():
+            cond, image, mask = self._condition(batch)
+            x_init = jax.random.normal(jax.random.key(self.config.seed + 7919), (len(batch["prompt"]),
+                                                                                 *self.latent_shape))
+            trajectory = self.sample_eval(params, cond, x_init, jax.random.key(0), window)
+            images = report.to_uint8(self.decode(self.frozen_params, trajectory.latents[:, -1], image, mask))
+            scores.append(np.asarray(self.reward_fn(images, batch["prompt"], _reward_meta(batch))["score"]))
+            for i in range(len(images)):
+                if len(grid_rows) < self.config.eval.num_grid:
+                    grid_rows.append([report.to_uint8(batch["image"][i]), report.to_uint8(batch["mask"][i] * 2 - 1),
+                                      images[i], report.to_uint8(batch["target"][i])])
+        if jax.process_index() == 0 and grid_rows:
+            report.save_grid(os.path.join(self.config.output_dir, f"eval_{tag}.png"), grid_rows,
+                             ["source", "mask", "result", "target"])
+        return float(np.concatenate(scores).mean())
+
+    def save(self) -> None:
+        """Checkpoint at the update-step count; a state already saved at that count is not saved again
+        (non-finite updates leave params and optimizer unchanged, so it is the same good state)."""
+        step = int(self.state["step"])
+        if self.checkpointer.latest_step() == step:
+            return
+        meta = {"epoch": self.epoch, "train_loader": self.train_loader.state(), "history": self.history}
+        self.checkpointer.save(step, self.state, meta)
+        self.checkpointer.wait()
+
+    def maybe_resume(self) -> bool:
+        step = self.checkpointer.latest_step() if self.config.checkpoint.resume else None
+        if step is None:
+            return False
+        self.state, meta = self.checkpointer.restore(step, self.state)
+        self.epoch, self.history = meta["epoch"], meta["history"]
+        self.train_loader.restore(meta["train_loader"])
+        logging.info("resumed from %s step %d (epoch %d)", self.checkpointer.directory, step, self.epoch)
+        return True
+
+    # ---------- the loop ----------
+
+    def fit(self) -> dict:
+        c = self.config
+        previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
+        try:
+            resumed = self.maybe_resume()
+            summary = {}
+            if not resumed:
+                self._warmup()
+                summary["eval_reward_after_warmup"] = self.evaluate("after_warmup")
+                self.history.append({"step": int(self.state["step"]), "eval_reward": summary["eval_reward_after_warmup"]})
+            rl = c.train.use_rl and c.train.method != "sft"
+            for epoch in tqdm(range(self.epoch, c.train.num_epochs), desc="epochs", initial=self.epoch,
+                              total=c.train.num_epochs):
+                self.epoch = epoch
+                start = time.time()
+                record = self.rl_epoch() if rl else _mean_metrics([self.sft_step() for _ in range(c.sample.batches_per_epoch)])
+                record["epoch_time_s"] = time.time() - start
+                if rl:
+                    record["images_per_s"] = c.sample.prompts_per_batch * c.sample.images_per_prompt * \
+                        c.sample.batches_per_epoch / record["epoch_time_s"]
+                record["learning_rate"] = c.train.learning_rate
+                record["skipped_updates"] = int(self.state["skipped"])
+                self.epoch = epoch + 1
+                if self.epoch % c.eval.interval == 0 or self.epoch == c.train.num_epochs:
+                    record["eval_reward"] = self.evaluate(f"epoch{self.epoch:04d}")
+                step = int(self.state["step"])
+                self.history.append({"step": step, **{k: float(v) for k, v in record.items()
+                                                      if k in ("reward_mean", "eval_reward")}})
+                self.log.write(step, record)
+                if self.epoch % c.checkpoint.interval == 0 or self.epoch == c.train.num_epochs or self._stop_requested:
+                    self.save()
+                if self._stop_requested:
+                    logging.warning("SIGTERM: saved step %d and stopping", step)
+                    break
+            summary["eval_reward_final"] = next((h["eval_reward"] for h in reversed(self.history)
+                                                 if "eval_reward" in h), float("nan"))
+            if jax.process_index() == 0:
+                report.save_reward_curve(os.path.join(c.output_dir, "reward_curve.png"), self.history)
+                with open(os.path.join(c.output_dir, "summary.json"), "w") as f:
+                    json.dump(summary, f, indent=2)
+            return summary
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            self.checkpointer.close()
+            self.log.close()
+
+    def _warmup(self) -> None:
+        steps = self.config.train.warmup_steps
+        for _ in tqdm(range(steps), desc="SFT warm-up", disable=steps == 0):
+            metrics = self.sft_step()
+            self.log.write(int(self.state["step"]), {f"warmup/{k}": v for k, v in metrics.items()})
+
+    def _request_stop(self, signum, frame) -> None:
+        del signum, frame
+        self._stop_requested = True
+
+
+def _check_divisible(config, data_parallel: int) -> None:
+    """Every sharded batch must split evenly over the data-parallel devices."""
+    s = config.sample
+    sizes = {"train.minibatch_size": config.train.minibatch_size,
+             "sample.prompts_per_batch * sample.images_per_prompt": s.prompts_per_batch * s.images_per_prompt}
+    for name, size in sizes.items():
+        if size % data_parallel:
+            raise ValueError(f"config: {name}={size} must be a multiple of the {data_parallel} data-parallel devices")
+
+
+def _reward_meta(batch: dict) -> dict:
+    return {name: batch[name] for name in ("mask", "image", "target", "target_text") if name in batch}
+
+
+def _mean_metrics(records: list[dict]) -> dict:
+    if not records:
+        return {}
+    merged = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+    for extreme, fn in (("ratio_min", min), ("ratio_max", max)):
+        if extreme in records[0]:
+            merged[extreme] = float(fn(r[extreme] for r in records))
+    return merged
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py", lock_config=True)
+
+
+def main(argv) -> None:
+    del argv
+    summary = Run(_CONFIG.value).fit()
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
