@@ -6,6 +6,10 @@ in seconds with a message that names it.
 import importlib
 import os
 
+import jax
+
+from jax_inpaint_rl.data import loaders_from_config
+
 FAMILY_MODULES = {
     "sd15_inpaint": "jax_inpaint_rl.models.sd15_inpaint",
     "flux_fill": "jax_inpaint_rl.models.flux",
@@ -32,7 +36,13 @@ def build_family(config):
 
 
 def build_loaders(config):
-    raise NotImplementedError
+    """(train, held-out) loaders; this host's shard of every batch (prompts only, the trainer forms groups)."""
+    train, held_out = loaders_from_config(config.data, prompts_per_batch=config.sample.prompts_per_batch,
+                                          group_size=1, seed=config.seed, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    if held_out is None:
+        raise ValueError("config: data.eval_path is empty: a held-out set is needed for evaluation")
+    return train, held_out
 
 
 def build_reward(config):

@@ -78,9 +78,15 @@ def _split(state, count: int = 2):
 
 
 def _repeat(batch: dict, times: int) -> dict:
-    """Each prompt's example `times` times in a row (group-major), lists included."""
-    return {name: ([v for v in value for _ in range(times)] if isinstance(value, list)
-                   else np.repeat(value, times, axis=0)) for name, value in batch.items()}
+    """Each prompt's example `times` times in a row (group-major), lists and nested dicts included."""
+    def repeat(value):
+        if isinstance(value, dict):
+            return {k: repeat(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [v for v in value for _ in range(times)]
+        return np.repeat(value, times, axis=0)
+
+    return {name: repeat(value) for name, value in batch.items()}
 
 
 def _take(tree, index):
@@ -137,6 +143,7 @@ class Run:
         self.log = report.MetricLog(config.output_dir, enabled=jax.process_index() == 0)
         self.checkpointer = Checkpointer(os.path.join(config.output_dir, "checkpoints"), keep=config.checkpoint.keep)
         self._stop_requested = False
+        self.resumed_from: int | None = None
 
     # ---------- programs ----------
 
@@ -187,7 +194,7 @@ class Run:
     # ---------- phases ----------
 
     def sft_step(self) -> dict:
-        batch = self.train_loader.next()
+        batch = next(self.train_loader)
         cond, _, _ = self._condition(batch)
         x0 = self.encode_image(self.frozen_params, jnp.asarray(batch["target"], jnp.float32))
         train_batch = {"x0": x0, "cond": cond}
@@ -209,12 +216,12 @@ class Run:
         """Roll out batches_per_epoch batches of k images per prompt; score them on the host."""
         s, family = self.config.sample, self.family
         sampling_params = self.state["old"] if self.config.train.method == "nft" else self.state["params"]
-        pieces, rewards, parts = [], [], {}
+        pieces, rewards, valid, parts = [], [], [], {}
         self.state, (window_key,) = _split(self.state, 1)
         window = self._window(window_key)
         for _ in tqdm(range(s.batches_per_epoch), desc=f"epoch {self.epoch} rollout", leave=False,
                       disable=s.batches_per_epoch < 2):
-            batch = _repeat(self.train_loader.next(), s.images_per_prompt)
+            batch = _repeat(next(self.train_loader), s.images_per_prompt)
             cond, image, mask = self._condition(batch)
             self.state, (noise_key, sde_key) = _split(self.state)
             x_init = rollout_lib.initial_noise(noise_key, s.prompts_per_batch, s.images_per_prompt,
@@ -224,11 +231,13 @@ class Run:
             scores = self.reward_fn(images, batch["prompt"], _reward_meta(batch))
             pieces.append({"trajectory": trajectory, "cond": cond})
             rewards.append(np.asarray(scores["score"], np.float32))
+            valid.append(np.asarray(batch.get("valid", np.ones(len(images), bool))))
             for name, value in scores.items():
                 parts.setdefault(name, []).append(np.asarray(value, np.float32))
         collected = _concat(pieces)
         parts = {name: np.concatenate(values) for name, values in parts.items()}
-        return collected, {"rewards": np.concatenate(rewards), "parts": parts, "window": window}
+        return collected, {"rewards": np.concatenate(rewards), "valid": np.concatenate(valid), "parts": parts,
+                           "window": window}
 
     def rl_epoch(self) -> dict:
         s, t, a = self.config.sample, self.config.train, self.config.advantage
@@ -238,7 +247,8 @@ class Run:
         group_ids = adv_lib.group_ids_for(num_groups, s.images_per_prompt)
         adv = adv_lib.group_advantages(jnp.asarray(scored["rewards"]), group_ids, num_groups,
                                        baseline="group" if a.per_prompt_stat_tracking else "batch", std=a.std,
-                                       clip=t.adv_clip_max, drop_zero_signal=a.drop_zero_signal)
+                                       clip=t.adv_clip_max, valid=jnp.asarray(scored["valid"]),
+                                       drop_zero_signal=a.drop_zero_signal)
         record = {"reward_mean": scored["rewards"].mean(), "reward_std": scored["rewards"].std(),
                   "advantage_abs_mean": float(jnp.abs(adv.advantages).mean()),
                   "kept_fraction": float(adv.keep.mean())}
@@ -305,14 +315,15 @@ class Run:
         params = self.state["ema"] if "ema" in self.state else self.state["params"]
         window = np.zeros(self.config.sample.eval_num_steps, np.float32)
         scores, grid_rows = [], []
-        self.eval_loader.reset()
-        for batch in self.eval_loader.epoch():
+        for index in range(self.eval_loader.steps_per_epoch):
+            batch = self.eval_loader.batch_at(0, index)
             cond, image, mask = self._condition(batch)
             x_init = jax.random.normal(jax.random.key(self.config.seed + 7919), (len(batch["prompt"]),
                                                                                  *self.latent_shape))
             trajectory = self.sample_eval(params, cond, x_init, jax.random.key(0), window)
             images = report.to_uint8(self.decode(self.frozen_params, trajectory.latents[:, -1], image, mask))
-            scores.append(np.asarray(self.reward_fn(images, batch["prompt"], _reward_meta(batch))["score"]))
+            valid = np.asarray(batch.get("valid", np.ones(len(images), bool)))
+            scores.append(np.asarray(self.reward_fn(images, batch["prompt"], _reward_meta(batch))["score"])[valid])
             for i in range(len(images)):
                 if len(grid_rows) < self.config.eval.num_grid:
                     grid_rows.append([report.to_uint8(batch["image"][i]), report.to_uint8(batch["mask"][i] * 2 - 1),
@@ -337,6 +348,7 @@ class Run:
         if step is None:
             return False
         self.state, meta = self.checkpointer.restore(step, self.state)
+        self.resumed_from = step
         self.epoch, self.history = meta["epoch"], meta["history"]
         self.train_loader.restore(meta["train_loader"])
         logging.info("resumed from %s step %d (epoch %d)", self.checkpointer.directory, step, self.epoch)
@@ -418,9 +430,9 @@ def _reward_meta(batch: dict) -> dict:
 def _mean_metrics(records: list[dict]) -> dict:
     if not records:
         return {}
-    merged = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+    merged = {k: float(np.mean([r[k] for r in records if k in r])) for k in set().union(*records)}
     for extreme, fn in (("ratio_min", min), ("ratio_max", max)):
-        if extreme in records[0]:
+        if extreme in merged:
             merged[extreme] = float(fn(r[extreme] for r in records))
     return merged
 

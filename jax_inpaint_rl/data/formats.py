@@ -1,0 +1,292 @@
+"""Local dataset formats -> sources of examples.
+
+An *example* is a host-side dict of numpy values:
+
+    id           str, unique in the dataset
+    prompt       str (the instruction, for edit sets)
+    image        uint8 (H, W, 3): the model input (self_bench 'source')      [inpaint, edit]
+    mask         float32 (H, W, 1) in {0, 1}, 1 = fill; binarised > 127/255  [inpaint]
+    target       uint8 (H, W, 3): what SFT / DPO learn toward (self_bench 'ref'), optional
+    target_text  str or None: the text that should appear in the mask (OCR rewards)
+    embeddings   {name: float32 array}: precomputed text embeddings, maybe empty
+
+A *source* is a random-access sequence of examples (`len`, `source[i]`) that also
+says where each field comes from (`locate(i, field)`, for error messages), its
+`kind` ('inpaint', 'edit' or 'prompts') and the problems found while listing it.
+The loader, the checker and the TFDS builder work on any source.
+
+Formats read here (paths inside a listing are relative to the listing's folder):
+
+- self_bench folder: `self_bench.txt` with one sample per line, either
+  `NUMBER<TAB>PROMPT[<TAB>TARGET_TEXT]` or `NUMBER PROMPT` (the number may be
+  followed by ':', ',' or '.'); blank lines and lines starting with '#' are skipped.
+  Sample N uses `testN_source.png`, `testN_mask.png`, `testN_ref.png` with N as
+  written, else N zero-padded to two digits (line `1 ...` finds `test01_*.png`);
+  its id is N without leading zeros (so `2` and `02` are duplicates).
+- JSON (a list of objects) or JSONL (one object per line): `image_path`,
+  `mask_path`, `prompt`, optional `id` (default: the record's 0-based position),
+  `target_path`, `target_text`, and
+  `<name>_embedding_path` (`.npy` or `.safetensors`; convert `.pt` files with
+  tools/convert_embeddings.py). Without any `mask_path` the file is an edit set
+  (`image_path` + `prompt` or `instruction`); without any `image_path` it is a
+  prompt list.
+- Prompt list `.txt`: one prompt per non-blank line.
+"""
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from safetensors.numpy import load_file
+
+from jax_inpaint_rl.data import masks
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+SELF_BENCH_LISTING = "self_bench.txt"
+SELF_BENCH_ROLES = {"image": "source", "mask": "mask", "target": "ref"}
+_SELF_BENCH_LINE = re.compile(r"^\s*(\d+)\s*[:,.]?\s+(.*\S)\s*$")
+_EMBEDDING_FIELD = re.compile(r"^(\w+)_embedding_path$")
+REQUIRED_FIELDS = {"inpaint": ("image_path", "mask_path"), "edit": ("image_path",), "prompts": ()}
+
+
+class DataError(ValueError):
+    """One or more problems with a dataset; each message names the file / record and the expectation."""
+
+    def __init__(self, problems: Sequence[str], example_id: str | None = None):
+        self.problems = list(problems)
+        self.example_id = example_id
+        shown = "\n  ".join(self.problems[:50])
+        more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
+        super().__init__(f"{len(self.problems)} data problem(s):\n  {shown}{more}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One listed example before its files are read."""
+
+    id: str
+    origin: str  # 'data.jsonl line 3': where the listing names it
+    prompt: str | None
+    image: Path | None = None
+    mask: Path | None = None
+    target: Path | None = None
+    target_text: str | None = None
+    embeddings: dict[str, Path] = dataclasses.field(default_factory=dict)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3); raises DataError naming the file when missing or corrupt."""
+    return np.asarray(_decode(path, "RGB", "image"))
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """float32 (H, W, 1) in {0, 1}: luminance > MASK_THRESHOLD is the region to fill."""
+    return masks.binarize(np.asarray(_decode(path, "L", "mask")))
+
+
+def read_embedding(path: Path) -> np.ndarray:
+    """A precomputed text embedding from .npy or a single-tensor .safetensors file."""
+    if not path.is_file():
+        raise DataError([f"{path}: embedding file does not exist"])
+    if path.suffix == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise DataError([f"{path}: cannot read .npy embedding ({error})"]) from error
+    if path.suffix == ".safetensors":
+        try:
+            tensors = load_file(path)
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise DataError([f"{path}: cannot read .safetensors embedding ({error})"]) from error
+        if len(tensors) != 1:
+            raise DataError([f"{path}: expected exactly one tensor, found {sorted(tensors)}"])
+        return next(iter(tensors.values()))
+    if path.suffix in (".pt", ".pth", ".bin"):
+        raise DataError([f"{path}: torch files are not read by the library; convert with "
+                         f"`python tools/convert_embeddings.py {path}` to .npy or .safetensors"])
+    raise DataError([f"{path}: embedding suffix {path.suffix!r}, expected .npy or .safetensors"])
+
+
+class FileSource:
+    """Examples listed by a local file (self_bench, JSON/JSONL, prompt list), read lazily."""
+
+    def __init__(self, entries: Sequence[Entry], kind: str, name: str, listing_problems: Sequence[str] = ()):
+        self.entries = list(entries)
+        self.kind = kind
+        self.name = name
+        self.listing_problems = list(listing_problems)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def locate(self, index: int, field: str) -> str:
+        entry = self.entries[index]
+        path = entry.embeddings.get(field) if field not in ("image", "mask", "target") else getattr(entry, field)
+        return str(path) if path is not None else f"{entry.origin} ({field})"
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.entries[index]
+        example = {"id": entry.id, "prompt": entry.prompt, "target_text": entry.target_text, "embeddings": {}}
+        problems = []
+        readers = {"image": read_image, "mask": read_mask, "target": read_image}
+        for field, reader in readers.items():
+            path = getattr(entry, field)
+            if path is not None:
+                problems += _collect(example, field, reader, path)
+        for name, path in entry.embeddings.items():
+            problems += _collect(example["embeddings"], name, read_embedding, path)
+        if problems:
+            raise DataError(problems, example_id=entry.id)
+        return example
+
+
+def open_source(path: str | Path, kind: str = "auto", **tfds_options):
+    """A source for a self_bench folder, a .json/.jsonl listing, a .txt prompt list,
+    a prepared TFDS folder or 'tfds:NAME' (tfds_options go to tfds_builder.open_tfds)."""
+    if str(path).startswith("tfds:") or (Path(path) / "dataset_info.json").is_file():
+        from jax_inpaint_rl.data import tfds_builder  # imports tensorflow_datasets only when needed
+        return tfds_builder.open_tfds(str(path), **tfds_options)
+    path = Path(path)
+    if path.is_dir():
+        return read_self_bench(path)
+    if not path.is_file():
+        raise DataError([f"{path}: dataset path does not exist (expected a self_bench folder, "
+                         f".json, .jsonl or .txt file, a TFDS folder or tfds:NAME)"])
+    if path.suffix in (".json", ".jsonl"):
+        return read_json(path, kind)
+    if path.suffix == ".txt":
+        return read_prompt_list(path)
+    raise DataError([f"{path}: unknown dataset suffix {path.suffix!r}, expected .json, .jsonl or .txt "
+                     f"(or a folder with {SELF_BENCH_LISTING})"])
+
+
+def read_self_bench(folder: Path) -> FileSource:
+    """Seed 000's layout: self_bench.txt + testN_{source,mask,ref}.png per sample."""
+    listing = folder / SELF_BENCH_LISTING
+    if not listing.is_file():
+        raise DataError([f"{folder}: expected {SELF_BENCH_LISTING} in the folder (self_bench format)"])
+    entries, problems = [], []
+    for line_number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        origin = f"{listing} line {line_number}"
+        parsed = _parse_self_bench_line(line)
+        if parsed is None:
+            problems.append(f"{origin}: {line!r} is not 'NUMBER<TAB>PROMPT[<TAB>TARGET_TEXT]' or 'NUMBER PROMPT'")
+            continue
+        number, prompt, target_text = parsed
+        files = {field: _self_bench_file(folder, number, role) for field, role in SELF_BENCH_ROLES.items()}
+        entries.append(Entry(id=str(int(number)), origin=origin, prompt=prompt, target_text=target_text, **files))
+    return FileSource(entries, "inpaint", str(folder), problems)
+
+
+def read_json(path: Path, kind: str = "auto") -> FileSource:
+    """Seeds 001 / 004: a JSON list or JSONL of records with paths relative to the file."""
+    records, problems = _json_records(path)
+    if kind == "auto":
+        kind = _infer_kind(record for _, record in records)
+    if kind not in REQUIRED_FIELDS:
+        raise ValueError(f"dataset kind {kind!r}: expected 'auto' or one of {sorted(REQUIRED_FIELDS)}")
+    entries = []
+    for position, (origin, record) in enumerate(records):
+        entry, record_problems = _entry_from_record(record, origin, position, path.parent, kind)
+        problems += record_problems
+        if entry is not None:
+            entries.append(entry)
+    return FileSource(entries, kind, str(path), problems)
+
+
+def read_prompt_list(path: Path) -> FileSource:
+    """One prompt per non-blank line (text-to-image recipes)."""
+    entries = [Entry(id=str(number), origin=f"{path} line {number}", prompt=line.strip())
+               for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    return FileSource(entries, "prompts", str(path))
+
+
+def _decode(path: Path, mode: str, what: str) -> Image.Image:
+    if not path.is_file():
+        raise DataError([f"{path}: {what} file does not exist"])
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError([f"{path}: cannot decode {what} ({error}); expected a readable image file"]) from error
+
+
+def _collect(target: dict, key: str, reader, path: Path) -> list[str]:
+    """Read into target[key]; return the problems instead of raising, so all are reported."""
+    try:
+        target[key] = reader(path)
+        return []
+    except DataError as error:
+        return error.problems
+
+
+def _parse_self_bench_line(line: str) -> tuple[str, str, str | None] | None:
+    if "\t" in line:
+        fields = [field.strip() for field in line.split("\t")]
+        if len(fields) in (2, 3) and fields[0].isdigit() and fields[1]:
+            return fields[0], fields[1], (fields[2] or None) if len(fields) == 3 else None
+        return None
+    match = _SELF_BENCH_LINE.match(line)
+    return (match.group(1), match.group(2), None) if match else None
+
+
+def _self_bench_file(folder: Path, number: str, role: str) -> Path:
+    """testN_role.ext for N as written, else zero-padded to 2; the first existing, else testNN_role.png."""
+    padded = f"{int(number):02d}"
+    candidates = [folder / f"test{name}_{role}{suffix}"
+                  for name in dict.fromkeys((number, padded)) for suffix in IMAGE_SUFFIXES]
+    return next((candidate for candidate in candidates if candidate.is_file()), folder / f"test{padded}_{role}.png")
+
+
+def _json_records(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
+    """[(origin, record)] in file order, plus the lines / items that are not JSON objects."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records, problems = [], []
+        for line_number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path} line {line_number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                problems.append(f"{path} line {line_number}: invalid JSON ({error.msg})")
+        return records, problems
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as error:
+        return [], [f"{path}: invalid JSON at line {error.lineno} ({error.msg}); expected a list of objects"]
+    if isinstance(items, dict):  # seed 001 shows a single object
+        items = [items]
+    if not isinstance(items, list):
+        return [], [f"{path}: top level is {type(items).__name__}, expected a list of objects"]
+    return [(f"{path} item {index}", item) for index, item in enumerate(items)], []
+
+
+def _infer_kind(records) -> str:
+    keys = set().union(*(record.keys() for record in records if isinstance(record, dict)))
+    return "inpaint" if "mask_path" in keys else "edit" if "image_path" in keys else "prompts"
+
+
+def _entry_from_record(record, origin: str, position: int, root: Path, kind: str):
+    if not isinstance(record, dict):
+        return None, [f"{origin}: expected a JSON object, got {type(record).__name__}"]
+    prompt = record.get("prompt", record.get("instruction"))
+    problems = [f"{origin}: missing field {field!r} (required in every record of an {kind} set)"
+                for field in REQUIRED_FIELDS[kind] if not isinstance(record.get(field), str)]
+    if not isinstance(prompt, str) or not prompt.strip():
+        problems.append(f"{origin}: missing or empty 'prompt' (expected a non-empty string)")
+    if problems:
+        return None, problems
+    paths = {field: root / record[f"{field}_path"] for field in ("image", "mask", "target")
+             if isinstance(record.get(f"{field}_path"), str)}
+    embeddings = {match.group(1): root / value for key, value in record.items()
+                  if (match := _EMBEDDING_FIELD.match(key)) and isinstance(value, str)}
+    entry = Entry(id=str(record.get("id", position)), origin=origin, prompt=prompt,
+                  target_text=record.get("target_text"), embeddings=embeddings, **paths)
+    return entry, []
+
