@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.use_rl = True  # --use_rl: False runs SFT only
     c.train.method = "grpo"  # --rl_method: grpo | nft | dpo | sft
     c.train.num_epochs = 10  # RL epochs (rollout + inner updates each)
+    c.train.autoencoder_steps = 0  # tiny from-scratch models only: fit the VAE as an autoencoder first
+    c.train.autoencoder_learning_rate = 1e-3
     c.train.warmup_steps = 0  # --rl_warmup_steps: SFT steps before RL
     c.train.learning_rate = 1e-4  # --learning_rate
     c.train.adam_b1 = 0.9
@@ -75,7 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.ema.interval = 1  # --ema_update_interval
 
     c.reward = ml_collections.ConfigDict()
-    c.reward.weights = {"reference_similarity": 1.0}  # name -> weight (seed 000: ocr + vlm)
+    # name -> {"weight": w, "reward": registry name (default: name), "config": {...}} (seed 000: ocr + vlm)
+    c.reward.specs = {"reference_similarity": {"weight": 1.0}}
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

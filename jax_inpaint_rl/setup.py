@@ -9,6 +9,7 @@ import os
 import jax
 
 from jax_inpaint_rl.data import loaders_from_config
+from jax_inpaint_rl.rewards.calculator import RewardCalculator, build_calculator
 
 FAMILY_MODULES = {
     "sd15_inpaint": "jax_inpaint_rl.models.sd15_inpaint",
@@ -45,5 +46,7 @@ def build_loaders(config):
     return train, held_out
 
 
-def build_reward(config):
-    raise NotImplementedError
+def build_reward(config) -> RewardCalculator:
+    """The weighted reward calculator from config.reward.specs ({name: {weight, reward?, config?}})."""
+    specs = config.reward.specs.to_dict() if hasattr(config.reward.specs, "to_dict") else dict(config.reward.specs)
+    return build_calculator(specs)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -22,10 +23,12 @@ from jax_inpaint_rl import programs, report
 from jax_inpaint_rl.algorithms import advantages as adv_lib
 from jax_inpaint_rl.algorithms import dpo, grpo, nft, objectives
 from jax_inpaint_rl.algorithms.ema import ema_update
+from jax_inpaint_rl.checkpoint.export import write_export
 from jax_inpaint_rl.checkpoint.manager import Checkpointer
 from jax_inpaint_rl.diffusion import rollout as rollout_lib
 from jax_inpaint_rl.diffusion.steps import STEP_FUNCTIONS, Sampler
 from jax_inpaint_rl.parallel import mesh as mesh_lib
+from jax_inpaint_rl.rewards.calculator import RewardCalculator
 from jax_inpaint_rl.setup import build_family, build_loaders, build_reward
 
 METHODS = ("grpo", "nft", "dpo", "sft")
@@ -112,12 +115,14 @@ class Run:
         if train_loader is None:
             train_loader, eval_loader = build_loaders(config)
         self.family, self.train_loader, self.eval_loader = family, train_loader, eval_loader
-        self.reward_fn = reward_fn if reward_fn is not None else build_reward(config)
+        self.rewards = build_reward(config) if reward_fn is None else RewardCalculator({"custom": reward_fn},
+                                                                                          {"custom": 1.0})
+        self.reward_wait_s = 0.0
         self.mesh = mesh_lib.make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp,
                                         "tensor": config.mesh.tensor})
         self.replicated, self.sharded = mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)
-        self.frozen_params = jax.device_put({k: v for k, v in params.items() if k != family.denoiser_key},
-                                            self.replicated)
+        self._base_params = jax.device_put({k: v for k, v in params.items() if k != family.denoiser_key},
+                                           self.replicated)
         _check_divisible(config, mesh_lib.data_parallel_size(self.mesh))
         resolution = config.data.resolution
         self.latent_shape = family.latent_shape(resolution, resolution)
@@ -125,25 +130,33 @@ class Run:
         rl_sampler = Sampler(config.sample.sampler, config.sample.noise_level)
         self.schedule = programs.make_schedule(family, config, config.sample.num_steps, self.latent_shape)
         self.policy = programs.make_policy(family, config, self.schedule, rl_sampler, config.sample.guidance_scale)
-        eval_schedule = programs.make_schedule(family, config, config.sample.eval_num_steps, self.latent_shape)
-        self.eval_policy = programs.make_policy(family, config, eval_schedule, rl_sampler,
-                                                config.sample.guidance_scale)
         self.encode = programs.make_encode(family)
         self.encode_image = programs.make_encode_image(family)
         self.decode = programs.make_decode(family)
         self.sample = programs.make_sample(self.policy)
-        self.sample_eval = programs.make_sample(self.eval_policy)
+        self.sample_eval = self.sample  # the same program: evaluation only turns the SDE window off
+        if config.sample.eval_num_steps != config.sample.num_steps:
+            eval_schedule = programs.make_schedule(family, config, config.sample.eval_num_steps, self.latent_shape)
+            self.sample_eval = programs.make_sample(programs.make_policy(
+                family, config, eval_schedule, rl_sampler, config.sample.guidance_scale))
         self.optimizer = programs.make_optimizer(config.train.learning_rate, config)
         self.updates = {}
         self.state = jax.device_put(
             initial_state(params[family.denoiser_key], self.optimizer, config, jax.random.key(config.seed)),
             self.replicated)
+        if config.train.autoencoder_steps > 0:  # a fitted autoencoder is part of what a resume needs
+            self.state["base"] = self._base_params
         self.history: list[dict] = []
         self.epoch = 0
         self.log = report.MetricLog(config.output_dir, enabled=jax.process_index() == 0)
         self.checkpointer = Checkpointer(os.path.join(config.output_dir, "checkpoints"), keep=config.checkpoint.keep)
         self._stop_requested = False
         self.resumed_from: int | None = None
+
+    @property
+    def frozen_params(self):
+        """The non-trained components (VAE, text encoders), or their fitted copy in the state."""
+        return self.state["base"] if "base" in self.state else self._base_params
 
     # ---------- programs ----------
 
@@ -216,7 +229,7 @@ class Run:
         """Roll out batches_per_epoch batches of k images per prompt; score them on the host."""
         s, family = self.config.sample, self.family
         sampling_params = self.state["old"] if self.config.train.method == "nft" else self.state["params"]
-        pieces, rewards, valid, parts = [], [], [], {}
+        pieces, pending, loader_valid = [], [], []
         self.state, (window_key,) = _split(self.state, 1)
         window = self._window(window_key)
         for _ in tqdm(range(s.batches_per_epoch), desc=f"epoch {self.epoch} rollout", leave=False,
@@ -228,16 +241,17 @@ class Run:
                                                self.latent_shape, s.same_noise_per_group)
             trajectory = self.sample(sampling_params, cond, self._shard(x_init), sde_key, window)
             images = report.to_uint8(self.decode(self.frozen_params, trajectory.latents[:, -1], image, mask))
-            scores = self.reward_fn(images, batch["prompt"], _reward_meta(batch))
+            # scored in a worker thread while the next batch is rolled out
+            pending.append(self.rewards.submit(images, batch["prompt"], _reward_meta(batch)))
             pieces.append({"trajectory": trajectory, "cond": cond})
-            rewards.append(np.asarray(scores["score"], np.float32))
-            valid.append(np.asarray(batch.get("valid", np.ones(len(images), bool))))
-            for name, value in scores.items():
-                parts.setdefault(name, []).append(np.asarray(value, np.float32))
-        collected = _concat(pieces)
-        parts = {name: np.concatenate(values) for name, values in parts.items()}
-        return collected, {"rewards": np.concatenate(rewards), "valid": np.concatenate(valid), "parts": parts,
-                           "window": window}
+            loader_valid.append(np.asarray(batch.get("valid", np.ones(len(images), bool))))
+        wait_start = time.time()
+        scores = [future.result() for future in pending]
+        self.reward_wait_s = time.time() - wait_start
+        parts = {name: np.concatenate([score[name] for score in scores]) for name in scores[0]}
+        valid = np.concatenate(loader_valid) & (parts.pop("valid") > 0)
+        rewards = np.where(valid, parts.pop("score"), 0.0).astype(np.float32)
+        return _concat(pieces), {"rewards": rewards, "valid": valid, "parts": parts, "window": window}
 
     def rl_epoch(self) -> dict:
         s, t, a = self.config.sample, self.config.train, self.config.advantage
@@ -249,10 +263,13 @@ class Run:
                                        baseline="group" if a.per_prompt_stat_tracking else "batch", std=a.std,
                                        clip=t.adv_clip_max, valid=jnp.asarray(scored["valid"]),
                                        drop_zero_signal=a.drop_zero_signal)
-        record = {"reward_mean": scored["rewards"].mean(), "reward_std": scored["rewards"].std(),
+        kept_rewards = scored["rewards"][scored["valid"]]
+        record = {"reward_mean": kept_rewards.mean(), "reward_std": kept_rewards.std(),
+                  "reward_wait_s": self.reward_wait_s, "invalid_samples": int((~scored["valid"]).sum()),
                   "advantage_abs_mean": float(jnp.abs(adv.advantages).mean()),
                   "kept_fraction": float(adv.keep.mean())}
         for name, values in scored["parts"].items():
+            values = values[scored["valid"]]
             record[f"reward/{name}_mean"], record[f"reward/{name}_std"] = values.mean(), values.std()
         if t.method == "dpo":
             metrics = self._dpo_updates(trajectory, cond, scored["rewards"], num_groups)
@@ -322,8 +339,9 @@ class Run:
                                                                                  *self.latent_shape))
             trajectory = self.sample_eval(params, cond, x_init, jax.random.key(0), window)
             images = report.to_uint8(self.decode(self.frozen_params, trajectory.latents[:, -1], image, mask))
-            valid = np.asarray(batch.get("valid", np.ones(len(images), bool)))
-            scores.append(np.asarray(self.reward_fn(images, batch["prompt"], _reward_meta(batch))["score"])[valid])
+            result = self.rewards(images, batch["prompt"], _reward_meta(batch))
+            valid = np.asarray(batch.get("valid", np.ones(len(images), bool))) & (result["valid"] > 0)
+            scores.append(result["score"][valid])
             for i in range(len(images)):
                 if len(grid_rows) < self.config.eval.num_grid:
                     grid_rows.append([report.to_uint8(batch["image"][i]), report.to_uint8(batch["mask"][i] * 2 - 1),
@@ -363,6 +381,7 @@ class Run:
             resumed = self.maybe_resume()
             summary = {}
             if not resumed:
+                self._fit_autoencoder()
                 self._warmup()
                 summary["eval_reward_after_warmup"] = self.evaluate("after_warmup")
                 self.history.append({"step": int(self.state["step"]), "eval_reward": summary["eval_reward_after_warmup"]})
@@ -392,6 +411,8 @@ class Run:
                     break
             summary["eval_reward_final"] = next((h["eval_reward"] for h in reversed(self.history)
                                                  if "eval_reward" in h), float("nan"))
+            write_export(os.path.join(c.output_dir, "export"), c, self.state["params"], self.state.get("ema"),
+                         self.state.get("base"))
             if jax.process_index() == 0:
                 report.save_reward_curve(os.path.join(c.output_dir, "reward_curve.png"), self.history)
                 with open(os.path.join(c.output_dir, "summary.json"), "w") as f:
@@ -400,7 +421,37 @@ class Run:
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
             self.checkpointer.close()
+            self.rewards.close()
             self.log.close()
+
+    def _fit_autoencoder(self) -> None:
+        """Tiny models start from random weights, VAE included: fit it as an autoencoder on the training
+        images first (latents kept near unit scale), so rewards computed on decoded pixels mean something."""
+        steps = self.config.train.autoencoder_steps
+        if steps <= 0:
+            return
+        optimizer = optax.adam(self.config.train.autoencoder_learning_rate)
+        family = self.family
+
+        def loss_fn(frozen, images):
+            latents = family.encode_image(frozen, images)
+            reconstruction = jnp.mean((family.decode(frozen, latents) - images) ** 2)
+            return reconstruction + 0.1 * (jnp.std(latents) - 1.0) ** 2, reconstruction
+
+        @jax.jit
+        def fit_step(frozen, opt_state, images):
+            (_, reconstruction), grads = jax.value_and_grad(loss_fn, has_aux=True)(frozen, images)
+            updates, opt_state = optimizer.update(grads, opt_state, frozen)
+            return optax.apply_updates(frozen, updates), opt_state, reconstruction
+
+        frozen, opt_state = self.state["base"], optimizer.init(self.state["base"])
+        for step in tqdm(range(steps), desc="autoencoder fit"):
+            batch = next(self.train_loader)
+            images = self._shard(np.concatenate([batch["image"], batch["target"]]).astype(np.float32))
+            frozen, opt_state, reconstruction = fit_step(frozen, opt_state, images)
+            if step % 50 == 0 or step == steps - 1:
+                self.log.write(step, {"autoencoder/reconstruction_mse": float(reconstruction)})
+        self.state = {**self.state, "base": frozen}
 
     def _warmup(self) -> None:
         steps = self.config.train.warmup_steps
@@ -424,7 +475,13 @@ def _check_divisible(config, data_parallel: int) -> None:
 
 
 def _reward_meta(batch: dict) -> dict:
-    return {name: batch[name] for name in ("mask", "image", "target", "target_text") if name in batch}
+    """The loader's fields under the names rewards read (images as uint8)."""
+    meta = {"mask": batch["mask"], "source": report.to_uint8(batch["image"])}
+    if "target" in batch:
+        meta["reference"] = report.to_uint8(batch["target"])
+    if "target_text" in batch:
+        meta["target_text"] = batch["target_text"]
+    return meta
 
 
 def _mean_metrics(records: list[dict]) -> dict:

@@ -1,0 +1,55 @@
+"""Inference exports: the trained denoiser (and its EMA) saved with orbax, plus the run's config.
+
+An export does not copy the frozen components (VAE, text encoders): they are
+rebuilt from the config (`model.path` for converted weights, or the same tiny
+seed), so the export of a 12B model is only the part that training changed. The
+one exception is a tiny model whose autoencoder was fitted during the run: its
+fitted components are exported as `base`.
+"""
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+
+from jax_inpaint_rl.setup import build_family
+
+CONFIG_FILE = "config.json"
+
+
+def write_export(directory: str, config: ConfigDict, denoiser_params, ema_params=None, base_params=None) -> None:
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    optional = {"denoiser_ema": ema_params, "base": base_params}
+    trees = {"denoiser": denoiser_params, **{k: v for k, v in optional.items() if v is not None}}
+    checkpointer = ocp.StandardCheckpointer()
+    for name, tree in trees.items():
+        checkpointer.save(os.path.join(directory, name), jax.device_get(tree), force=True)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def read_export(directory: str, use_ema: bool = False):
+    """(family, params, config) with the exported denoiser in place of the base one."""
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path}: not an inference export (written at the end of training in "
+                                "<output_dir>/export)")
+    with open(config_path) as f:
+        config = ConfigDict(json.load(f))
+    name = "denoiser_ema" if use_ema else "denoiser"
+    tree_path = os.path.join(os.path.abspath(directory), name)
+    if not os.path.isdir(tree_path):
+        hint = " (the run had ema.enabled=False)" if use_ema else ""
+        raise FileNotFoundError(f"{tree_path}: missing{hint}")
+    family, params = build_family(config)
+    restore = lambda path, like: ocp.StandardCheckpointer().restore(  # noqa: E731
+        path, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
+    params = {**params, family.denoiser_key: restore(tree_path, params[family.denoiser_key])}
+    base_path = os.path.join(os.path.abspath(directory), "base")
+    if os.path.isdir(base_path):
+        others = {k: v for k, v in params.items() if k != family.denoiser_key}
+        params = {**params, **restore(base_path, others)}
+    return family, params, config
