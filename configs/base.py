@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.interval = 5  # --checkpointing_steps (in epochs)
     c.checkpoint.keep = 2
     c.checkpoint.resume = True  # continue from the latest checkpoint in output_dir
-    c.checkpoint.init_from = ""  # --initial_ip_adapter_path / resume path: params to start from
+    c.checkpoint.init_from = ""  # --initial_ip_adapter_path: an export folder whose denoiser the run starts from
 
     c.eval = ml_collections.ConfigDict()
     c.eval.interval = 5  # epochs between evaluations

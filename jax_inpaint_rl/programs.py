@@ -22,7 +22,7 @@ def make_schedule(family: Family, config, num_steps: int, latent_shape) -> sched
     if family.prediction == "epsilon":
         return schedules.ddim_schedule(num_steps)
     if family.name.startswith("flux"):
-        return schedules.flux_schedule(num_steps, image_seq_len=latent_shape[0])
+        return schedules.flux_schedule(num_steps, image_seq_len=latent_shape[0] * latent_shape[1])
     return schedules.sd3_schedule(num_steps, config.sample.sd3_shift)
 
 
@@ -76,11 +76,10 @@ def make_encode_image(family: Family) -> Callable:
 
 
 def make_optimizer(learning_rate: float, config) -> optax.GradientTransformation:
-    optimizer = optax.chain(
+    return optax.chain(
         optax.clip_by_global_norm(config.train.max_grad_norm),
         optax.adamw(learning_rate, b1=config.train.adam_b1, b2=config.train.adam_b2,
                     weight_decay=config.train.weight_decay))
-    return optax.MultiSteps(optimizer, every_k_schedule=config.train.gradient_accumulation_steps)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -89,26 +88,36 @@ def _all_finite(tree) -> jax.Array:
 
 def make_update(policy: objectives.Policy, objective: Callable, optimizer: optax.GradientTransformation,
                 ema_config) -> Callable:
-    """Jitted (state, batch, key) -> (state, metrics): the gradient of `objective` w.r.t.
-    state['params'] only; a non-finite loss or gradient leaves the state unchanged and is counted."""
+    """Jitted (state, batch, key, apply) -> (state, metrics).
 
-    def run(state: dict[str, Any], batch, key):
+    Adds the gradient of `objective` w.r.t. state['params'] to state['grad_sum'];
+    when `apply` is true, steps the optimizer on the mean of the accumulated
+    gradients (trained timesteps x gradient_accumulation_steps micro-batches) and
+    clears them. A non-finite loss or gradient is not accumulated and is counted.
+    """
+
+    def run(state: dict[str, Any], batch, key, apply):
         frozen = {name: state[name] for name in ("old", "ref") if name in state}
         (loss, metrics), grads = jax.value_and_grad(
             lambda p: objective(policy, p, frozen, batch, key), has_aux=True)(state["params"])
         finite = jnp.isfinite(loss) & _all_finite(grads)
-        grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        grad_sum = jax.tree.map(lambda acc, g: acc + jnp.where(finite, g, 0.0), state["grad_sum"], grads)
+        count = state["grad_count"] + finite.astype(jnp.int32)
+        step_now = apply & (count > 0)
+        mean_grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1).astype(g.dtype), grad_sum)
+        updates, opt_state = optimizer.update(mean_grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = {**state, "params": keep(params, state["params"]),
-                     "opt_state": keep(opt_state, state["opt_state"]),
-                     "step": state["step"] + finite.astype(jnp.int32),
+        choose = lambda new, old: jax.tree.map(lambda n, o: jnp.where(step_now, n, o), new, old)  # noqa: E731
+        new_state = {**state, "params": choose(params, state["params"]),
+                     "opt_state": choose(opt_state, state["opt_state"]),
+                     "grad_sum": jax.tree.map(lambda g: jnp.where(apply, jnp.zeros_like(g), g), grad_sum),
+                     "grad_count": jnp.where(apply, 0, count),
+                     "step": state["step"] + step_now.astype(jnp.int32),
                      "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
                      "skipped": state["skipped"] + (~finite).astype(jnp.int32)}
         if "ema" in state:
-            new_state["ema"] = keep(ema_lib.ema_update_every(state["ema"], new_state["params"], new_state["step"],
-                                                             ema_config.decay, ema_config.interval), state["ema"])
+            new_state["ema"] = choose(ema_lib.ema_update_every(state["ema"], new_state["params"], new_state["step"],
+                                                               ema_config.decay, ema_config.interval), state["ema"])
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "finite": finite.astype(jnp.float32)}
         return new_state, metrics
 

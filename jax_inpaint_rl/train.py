@@ -23,7 +23,7 @@ from jax_inpaint_rl import programs, report
 from jax_inpaint_rl.algorithms import advantages as adv_lib
 from jax_inpaint_rl.algorithms import dpo, grpo, nft, objectives
 from jax_inpaint_rl.algorithms.ema import ema_update
-from jax_inpaint_rl.checkpoint.export import write_export
+from jax_inpaint_rl.checkpoint.export import read_denoiser, write_export
 from jax_inpaint_rl.checkpoint.manager import Checkpointer
 from jax_inpaint_rl.diffusion import rollout as rollout_lib
 from jax_inpaint_rl.diffusion.steps import STEP_FUNCTIONS, Sampler
@@ -64,6 +64,7 @@ def initial_state(denoiser_params, optimizer, config, key) -> dict[str, Any]:
     method, rl = config.train.method, config.train.use_rl and config.train.method != "sft"
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731
     state = {"params": denoiser_params, "opt_state": optimizer.init(denoiser_params),
+             "grad_sum": jax.tree.map(jnp.zeros_like, denoiser_params), "grad_count": jnp.zeros((), jnp.int32),
              "step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32),
              "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(key)}
     if config.ema.enabled:
@@ -112,6 +113,9 @@ class Run:
             f.write(config.to_json_best_effort(indent=2))
         if family is None:
             family, params = build_family(config)
+        if config.checkpoint.init_from:  # start from a previous run's export (the seeds' initial adapter path)
+            params = {**params, family.denoiser_key: read_denoiser(config.checkpoint.init_from,
+                                                                   params[family.denoiser_key])}
         if train_loader is None:
             train_loader, eval_loader = build_loaders(config)
         self.family, self.train_loader, self.eval_loader = family, train_loader, eval_loader
@@ -176,9 +180,10 @@ class Run:
             self.updates[method] = programs.make_update(self.policy, objective, self.optimizer, self.config.ema)
         return self.updates[method]
 
-    def _apply_update(self, method: str, batch) -> dict:
+    def _apply_update(self, method: str, batch, apply: bool = True) -> dict:
+        """One micro-step; the optimizer steps when `apply` (end of an accumulation window)."""
         self.state, (key,) = _split(self.state, 1)
-        self.state, metrics = self.update_for(method)(self.state, self._shard(batch), key)
+        self.state, metrics = self.update_for(method)(self.state, self._shard(batch), key, jnp.asarray(apply))
         metrics = jax.device_get(metrics)
         if int(self.state["nonfinite"]) >= self.config.train.max_nonfinite_steps:
             self.save()
@@ -207,6 +212,12 @@ class Run:
     # ---------- phases ----------
 
     def sft_step(self) -> dict:
+        """One optimizer step of SFT: gradient_accumulation_steps micro-batches from the loader."""
+        accumulate = self.config.train.gradient_accumulation_steps
+        metrics = [self._sft_micro_step(apply=i == accumulate - 1) for i in range(accumulate)]
+        return _mean_metrics(metrics)
+
+    def _sft_micro_step(self, apply: bool) -> dict:
         batch = next(self.train_loader)
         cond, _, _ = self._condition(batch)
         x0 = self.encode_image(self.frozen_params, jnp.asarray(batch["target"], jnp.float32))
@@ -214,7 +225,7 @@ class Run:
         image_cond = cond["positive"] if "positive" in cond else cond
         if "mask" in image_cond and jnp.ndim(image_cond["mask"]) == x0.ndim:
             train_batch["latent_mask"] = image_cond["mask"]
-        return self._apply_update("sft", train_batch)
+        return self._apply_update("sft", train_batch, apply)
 
     def _window(self, key) -> np.ndarray:
         s = self.config.sample
@@ -291,20 +302,24 @@ class Run:
             perm = jax.random.permutation(perm_key, batch_size)
             step_index = grpo.train_step_indices(step_key, batch_size, train_window, t.timestep_fraction,
                                                  t.timestep_mode)
-            for start in tqdm(range(0, batch_size, t.minibatch_size), desc=f"epoch {self.epoch} update",
-                              leave=False):
+            starts = range(0, batch_size, t.minibatch_size)
+            for number, start in enumerate(tqdm(starts, desc=f"epoch {self.epoch} update", leave=False)):
                 idx = perm[start:start + t.minibatch_size]
                 batch = {"latents": trajectory.latents[idx], "log_probs": trajectory.log_probs[idx],
                          "window": trajectory.window, "cond": _take(cond, idx),
-                         "advantages": adv.advantages[idx], "weight": adv.keep[idx].astype(jnp.float32),
-                         "step_index": step_index[idx]}
-                metrics = self._apply_update(t.method, batch)
-                if inner == 0 and start == 0 and t.method == "grpo":
-                    metrics["first_ratio_deviation"] = max(abs(metrics["ratio_max"] - 1), abs(metrics["ratio_min"] - 1))
-                    if metrics["first_ratio_deviation"] > RATIO_WARNING:
-                        logging.warning("ratio before any update deviates from 1 by %.2e: rollout and training "
-                                        "log-probs disagree", metrics["first_ratio_deviation"])
-                per_update.append(metrics)
+                         "advantages": adv.advantages[idx], "weight": adv.keep[idx].astype(jnp.float32)}
+                window_end = (number + 1) % t.gradient_accumulation_steps == 0 or number == len(starts) - 1
+                columns = step_index.shape[1]
+                for column in range(columns):  # gradients of every trained step are accumulated
+                    metrics = self._apply_update(t.method, {**batch, "step_index": step_index[idx, column]},
+                                                 apply=window_end and column == columns - 1)
+                    if inner == 0 and start == 0 and t.method == "grpo":  # no update has happened yet
+                        deviation = max(abs(metrics["ratio_max"] - 1), abs(metrics["ratio_min"] - 1))
+                        metrics["first_ratio_deviation"] = deviation
+                        if deviation > RATIO_WARNING:
+                            logging.warning("ratio before any update deviates from 1 by %.2e: rollout and "
+                                            "training log-probs disagree", deviation)
+                    per_update.append(metrics)
         return _mean_metrics(per_update)
 
     def _dpo_updates(self, trajectory, cond, rewards, num_groups) -> dict:
@@ -315,11 +330,13 @@ class Run:
         for _ in range(t.inner_epochs):
             self.state, (perm_key,) = _split(self.state, 1)
             perm = jax.random.permutation(perm_key, num_groups)
-            for start in range(0, num_groups, t.minibatch_size):
+            starts = range(0, num_groups, t.minibatch_size)
+            for number, start in enumerate(starts):
                 pairs = perm[start:start + t.minibatch_size]
                 batch = {"winner": clean[winner[pairs]], "loser": clean[loser[pairs]],
                          "cond": _take(cond, winner[pairs]), "weight": has[pairs].astype(jnp.float32)}
-                per_update.append(self._apply_update("dpo", batch))
+                window_end = (number + 1) % t.gradient_accumulation_steps == 0 or number == len(starts) - 1
+                per_update.append(self._apply_update("dpo", batch, apply=window_end))
                 if t.dpo_ref_update_interval > 0:
                     self.state = {**self.state, "ref": jax.jit(dpo.refresh_reference, static_argnums=3)(
                         self.state["ref"], self.state["params"], self.state["step"], t.dpo_ref_update_interval)}

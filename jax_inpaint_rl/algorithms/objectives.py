@@ -36,36 +36,30 @@ def _weighted_mean(values, weights):
 
 def grpo_objective(policy: Policy, params, frozen, batch, key, *, clip_range: float, adv_clip_max: float,
                    kl_beta: float):
-    """PPO-clip over the batch's trained steps (batch['step_index'] (B, K)), averaged over K.
+    """PPO-clip on one trained step per sample (batch['step_index'] (B,)).
 
     batch: latents (B, T+1, ...), log_probs (B, T), window (T,), cond, advantages (B,), weight (B,).
+    The trainer calls it once per trained step and accumulates the gradients, as
+    Flow-GRPO does, so the compiled program holds a single denoiser call.
     """
     del key
-    rows = jnp.arange(batch["advantages"].shape[0])
-
-    def one_column(carry, step_index):
-        x, x_next = batch["latents"][rows, step_index], batch["latents"][rows, step_index + 1]
-        scored = rollout_lib.score_transitions(policy.guided, params, batch["cond"], x, x_next, step_index,
-                                               policy.schedule, policy.sampler, batch["window"])
-        ref_mean = None
-        if kl_beta > 0:
-            ref_mean = rollout_lib.score_transitions(policy.guided, frozen["ref"], batch["cond"], x, x_next,
-                                                     step_index, policy.schedule, policy.sampler,
-                                                     batch["window"]).mean
-        terms = grpo.grpo_loss(scored.log_prob, batch["log_probs"][rows, step_index], batch["advantages"],
-                               clip_range=clip_range, adv_clip_max=adv_clip_max, kl_beta=kl_beta,
-                               mean=scored.mean, ref_mean=ref_mean, std=scored.std, weights=batch["weight"])
-        metrics = {"loss": terms.loss, "policy_loss": terms.policy_loss, "kl": terms.kl,
-                   "clip_fraction": terms.clip_fraction, "approx_kl": terms.approx_kl,
-                   "ratio_mean": _weighted_mean(terms.ratio, batch["weight"]),
-                   "ratio_min": jnp.min(jnp.where(batch["weight"] > 0, terms.ratio, jnp.inf)),
-                   "ratio_max": jnp.max(jnp.where(batch["weight"] > 0, terms.ratio, -jnp.inf))}
-        return carry, metrics
-
-    _, per_step = jax.lax.scan(one_column, None, jnp.swapaxes(batch["step_index"], 0, 1))
-    metrics = jax.tree.map(jnp.mean, per_step)
-    metrics["ratio_min"], metrics["ratio_max"] = per_step["ratio_min"].min(), per_step["ratio_max"].max()
-    return metrics["loss"], metrics
+    rows, step_index = jnp.arange(batch["advantages"].shape[0]), batch["step_index"]
+    x, x_next = batch["latents"][rows, step_index], batch["latents"][rows, step_index + 1]
+    scored = rollout_lib.score_transitions(policy.guided, params, batch["cond"], x, x_next, step_index,
+                                           policy.schedule, policy.sampler, batch["window"])
+    ref_mean = None
+    if kl_beta > 0:
+        ref_mean = rollout_lib.score_transitions(policy.guided, frozen["ref"], batch["cond"], x, x_next, step_index,
+                                                 policy.schedule, policy.sampler, batch["window"]).mean
+    terms = grpo.grpo_loss(scored.log_prob, batch["log_probs"][rows, step_index], batch["advantages"],
+                           clip_range=clip_range, adv_clip_max=adv_clip_max, kl_beta=kl_beta,
+                           mean=scored.mean, ref_mean=ref_mean, std=scored.std, weights=batch["weight"])
+    metrics = {"loss": terms.loss, "policy_loss": terms.policy_loss, "kl": terms.kl,
+               "clip_fraction": terms.clip_fraction, "approx_kl": terms.approx_kl,
+               "ratio_mean": _weighted_mean(terms.ratio, batch["weight"]),
+               "ratio_min": jnp.min(jnp.where(batch["weight"] > 0, terms.ratio, jnp.inf)),
+               "ratio_max": jnp.max(jnp.where(batch["weight"] > 0, terms.ratio, -jnp.inf))}
+    return terms.loss, metrics
 
 
 def _training_noise(prediction: str, schedule: Schedule, x0, key, step_index=None):
@@ -88,27 +82,18 @@ def _training_noise(prediction: str, schedule: Schedule, x0, key, step_index=Non
 
 def nft_objective(policy: Policy, params, frozen, batch, key, *, beta: float, adv_clip_max: float,
                   adv_mode: str, kl_beta: float):
-    """DiffusionNFT on re-noised clean samples batch['x0'] at the rollout times batch['step_index'] (B, K)."""
+    """DiffusionNFT on the re-noised clean samples at one rollout time per sample (batch['step_index'] (B,))."""
     if policy.prediction != "velocity":
         raise ValueError("DiffusionNFT is defined for velocity (flow-matching) families")
     x0 = batch["latents"][:, -1]
-
-    def one_column(carry, inputs):
-        step_index, column_key = inputs
-        x_t, t, _ = _training_noise("velocity", policy.schedule, x0, column_key, step_index)
-        v = policy.unguided(params, x_t, t, batch["cond"])
-        v_old = policy.unguided(frozen["old"], x_t, t, batch["cond"])
-        v_ref = policy.unguided(frozen["ref"], x_t, t, batch["cond"]) if kl_beta > 0 else None
-        terms = nft.nft_loss(v, v_old, x_t, x0, t, batch["advantages"], beta=beta, adv_clip_max=adv_clip_max,
-                             adv_mode=adv_mode, kl_beta=kl_beta, v_ref=v_ref, weights=batch["weight"])
-        return carry, {"loss": terms.loss, "policy_loss": terms.policy_loss, "kl": terms.kl,
-                       "positive_loss": terms.positive_loss, "negative_loss": terms.negative_loss}
-
-    columns = jnp.swapaxes(batch["step_index"], 0, 1)
-    keys = jax.random.split(key, columns.shape[0])
-    _, per_step = jax.lax.scan(one_column, None, (columns, keys))
-    metrics = jax.tree.map(jnp.mean, per_step)
-    return metrics["loss"], metrics
+    x_t, t, _ = _training_noise("velocity", policy.schedule, x0, key, batch["step_index"])
+    v = policy.unguided(params, x_t, t, batch["cond"])
+    v_old = policy.unguided(frozen["old"], x_t, t, batch["cond"])
+    v_ref = policy.unguided(frozen["ref"], x_t, t, batch["cond"]) if kl_beta > 0 else None
+    terms = nft.nft_loss(v, v_old, x_t, x0, t, batch["advantages"], beta=beta, adv_clip_max=adv_clip_max,
+                         adv_mode=adv_mode, kl_beta=kl_beta, v_ref=v_ref, weights=batch["weight"])
+    return terms.loss, {"loss": terms.loss, "policy_loss": terms.policy_loss, "kl": terms.kl,
+                        "positive_loss": terms.positive_loss, "negative_loss": terms.negative_loss}
 
 
 def dpo_objective(policy: Policy, params, frozen, batch, key, *, beta: float):

@@ -31,6 +31,20 @@ def write_export(directory: str, config: ConfigDict, denoiser_params, ema_params
         f.write(config.to_json_best_effort(indent=2))
 
 
+def _restore(path: str, like):
+    return ocp.StandardCheckpointer().restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
+
+
+def read_denoiser(directory: str, like, use_ema: bool = False):
+    """The exported denoiser params, shaped like `like` (to start a run from a previous one)."""
+    name = "denoiser_ema" if use_ema else "denoiser"
+    tree_path = os.path.join(os.path.abspath(directory), name)
+    if not os.path.isdir(tree_path):
+        hint = " (the run had ema.enabled=False)" if use_ema else ""
+        raise FileNotFoundError(f"{tree_path}: missing{hint}; expected an export folder (<output_dir>/export)")
+    return _restore(tree_path, like)
+
+
 def read_export(directory: str, use_ema: bool = False):
     """(family, params, config) with the exported denoiser in place of the base one."""
     config_path = os.path.join(directory, CONFIG_FILE)
@@ -39,17 +53,9 @@ def read_export(directory: str, use_ema: bool = False):
                                 "<output_dir>/export)")
     with open(config_path) as f:
         config = ConfigDict(json.load(f))
-    name = "denoiser_ema" if use_ema else "denoiser"
-    tree_path = os.path.join(os.path.abspath(directory), name)
-    if not os.path.isdir(tree_path):
-        hint = " (the run had ema.enabled=False)" if use_ema else ""
-        raise FileNotFoundError(f"{tree_path}: missing{hint}")
     family, params = build_family(config)
-    restore = lambda path, like: ocp.StandardCheckpointer().restore(  # noqa: E731
-        path, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
-    params = {**params, family.denoiser_key: restore(tree_path, params[family.denoiser_key])}
+    params = {**params, family.denoiser_key: read_denoiser(directory, params[family.denoiser_key], use_ema)}
     base_path = os.path.join(os.path.abspath(directory), "base")
     if os.path.isdir(base_path):
-        others = {k: v for k, v in params.items() if k != family.denoiser_key}
-        params = {**params, **restore(base_path, others)}
+        params = {**params, **_restore(base_path, {k: v for k, v in params.items() if k != family.denoiser_key})}
     return family, params, config

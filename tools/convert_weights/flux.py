@@ -1,0 +1,593 @@
+"""Flux.1 Fill / dev / Kontext checkpoints -> a folder `jax_inpaint_rl.models.flux.load` reads, and back.
+
+    python -m tools.convert_weights flux-fill|flux-kontext|flux-dev --src SRC --dst DST
+        [--transformer FILE_OR_DIR] [--dtype float32|bfloat16|float16] [--verify]
+
+SRC is a diffusers pipeline folder (transformer/, vae/, text_encoder/ (CLIP), text_encoder_2/ (T5),
+tokenizer/, tokenizer_2/, scheduler/). The transformer may instead come from the original single file
+(`--transformer flux1-fill-dev.safetensors`, keys double_blocks.N.img_attn.qkv ...: fused projections
+are split and renamed on the fly); a single file as SRC converts only the transformer.
+
+Output folder:
+  params/transformer.safetensors     keys 'transformer/<flax path>'; the 19 double / 38 single blocks
+                                     stacked on a leading layer axis (e.g. transformer/double_blocks/attn/to_q/kernel)
+  params/vae.safetensors             'vae/...'
+  params/text_encoder.safetensors    'text_encoder/...'   CLIP-L text tower
+  params/text_encoder_2.safetensors  'text_encoder_2/...' T5 encoder, blocks stacked
+  transformer/, vae/, text_encoder/, text_encoder_2/   config.json of each source component
+  tokenizer/, tokenizer_2/, scheduler/                  copied from the source
+  <family>.json                      {"family", "dtype", "source"}
+`--verify` re-reads every source tensor and checks the written one equals it (after the dtype cast);
+numerical parity of the models is proven by tests/test_flux_*.py.
+
+Memory: the 12B transformer converts one tensor at a time. Source tensors are read with plain file
+reads (no mmap, so nothing lingers in the resident set), transformed, and written straight into their
+slot of an output safetensors file whose header is laid out up front from the model's expected shapes;
+per-layer torch tensors land in their row of the stacked (scanned) Flax arrays. Peak memory is a few
+copies of the largest single tensor. `export_transformer` streams the other way, to diffusers' layout.
+"""
+import dataclasses
+import json
+import os
+import re
+import struct
+from typing import Callable, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from jax_inpaint_rl.models.params_io import read_json
+from tools.convert_weights import common
+from tools.convert_weights.common import Rule, identity, linear_to_flax
+
+# --- safetensors, one tensor at a time -----------------------------------------------------------
+
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+OUTPUT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """{key: {'dtype', 'shape', 'data_offsets'}} and the byte offset where tensor data starts."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: safetensors file not found") from None
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a safetensors file ({err})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (key, array) in file order, reading each tensor with one plain read."""
+    header, start = read_header(path)
+    with open(path, "rb") as f:
+        for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] not in DTYPES:
+                raise ValueError(f"{path}: {key} has dtype {entry['dtype']}; expected one of {sorted(DTYPES)}")
+            f.seek(start + begin)
+            buffer = bytearray(end - begin)
+            f.readinto(buffer)
+            yield key, np.frombuffer(buffer, DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+class TensorFileWriter:
+    """A safetensors file written slot by slot: the header (from expected shapes) first, then any order.
+
+    `write(key, array, index)` fills row `index` of a stacked tensor (or the whole
+    tensor when index is None); `close()` checks every row of every tensor arrived.
+    """
+
+    def __init__(self, path: str, shapes: Mapping[str, tuple[int, ...]], dtype, metadata=None):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+        header, offset, self.offsets = {}, 0, {}
+        for key in sorted(self.shapes):
+            size = int(np.prod(self.shapes[key], dtype=np.int64)) * self.dtype.itemsize
+            header[key] = {"dtype": CODES[self.dtype], "shape": list(self.shapes[key]),
+                           "data_offsets": [offset, offset + size]}
+            self.offsets[key] = offset
+            offset += size
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.data_start = 8 + len(blob)
+        self.pending = {k: set(range(s[0])) if s else {None} for k, s in self.shapes.items()}
+        self.stacked: set[str] = set()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(blob)) + blob)
+        self.file.truncate(self.data_start + offset)
+
+    def write(self, key: str, array: np.ndarray, index: int | None = None) -> None:
+        shape = self.shapes[key]
+        if index is None:
+            if tuple(array.shape) != shape:
+                raise ValueError(f"{self.path}: {key} got shape {array.shape}, expected {shape}")
+            self.file.seek(self.data_start + self.offsets[key])
+            self.pending[key] = set()
+        else:
+            if tuple(array.shape) != shape[1:] or not 0 <= index < shape[0]:
+                raise ValueError(f"{self.path}: {key}[{index}] got shape {array.shape}, expected {shape[1:]} "
+                                 f"with index < {shape[0]}")
+            row = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+            self.file.seek(self.data_start + self.offsets[key] + index * row)
+            self.pending[key].discard(index)
+        self.file.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+
+    def close(self) -> None:
+        self.file.close()
+        unwritten = sorted(f"{k}[{sorted(v)}]" for k, v in self.pending.items() if v)
+        if unwritten:
+            raise common.ConversionError(f"{self.path}: tensors never written: {unwritten}")
+
+    def abort(self) -> None:
+        self.file.close()
+        os.remove(self.path)
+
+
+# --- stacked (scanned) layers ----------------------------------------------------------------------
+
+def per_layer_shapes(stacked: Mapping[str, tuple[int, ...]], stacks: tuple[str, ...]) -> dict[str, tuple]:
+    """{'double_blocks/attn/..': (L, a, b)} -> {'double_blocks/0/attn/..': (a, b), ...} for scanned stacks."""
+    out = {}
+    for path, shape in stacked.items():
+        stack, _, rest = path.partition("/")
+        if stack in stacks:
+            out.update({f"{stack}/{i}/{rest}": tuple(shape[1:]) for i in range(shape[0])})
+        else:
+            out[path] = tuple(shape)
+    return out
+
+
+def split_layer(path: str, stacks: tuple[str, ...]) -> tuple[str, int | None]:
+    """'double_blocks/3/attn/to_q/kernel' -> ('double_blocks/attn/to_q/kernel', 3); unstacked -> (path, None)."""
+    stack, _, rest = path.partition("/")
+    if stack not in stacks:
+        return path, None
+    index, _, rest = rest.partition("/")
+    return f"{stack}/{rest}", int(index)
+
+
+def shapes_of(tree) -> dict[str, tuple[int, ...]]:
+    from jax_inpaint_rl.models.params_io import flatten
+
+    return {k: tuple(v.shape) for k, v in flatten(tree).items()}
+
+
+# --- key tables ------------------------------------------------------------------------------------
+
+def linear(torch_prefix: str, flax_prefix: str, bias: bool = True) -> list[Rule]:
+    rules = [Rule(rf"{torch_prefix}\.weight", f"{flax_prefix}/kernel", linear_to_flax)]
+    return rules + ([Rule(rf"{torch_prefix}\.bias", f"{flax_prefix}/bias", identity)] if bias else [])
+
+
+def norm_scale(torch_prefix: str, flax_prefix: str) -> list[Rule]:
+    return [Rule(rf"{torch_prefix}\.weight", f"{flax_prefix}/scale", identity)]
+
+
+_DOUBLE, _SINGLE = r"transformer_blocks\.(\d+)", r"single_transformer_blocks\.(\d+)"
+TRANSFORMER_RULES: list[Rule] = [
+    *linear(r"x_embedder", "x_embedder"),
+    *linear(r"context_embedder", "context_embedder"),
+    *linear(r"time_text_embed\.(timestep_embedder|guidance_embedder|text_embedder)\.(linear_[12])",
+            r"time_text_embed/\1/\2"),
+    *linear(r"norm_out\.linear", "norm_out/linear"),
+    *linear(r"proj_out", "proj_out"),
+    *linear(rf"{_DOUBLE}\.(norm1|norm1_context)\.linear", r"double_blocks/\1/\2/linear"),
+    *linear(rf"{_DOUBLE}\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
+            r"double_blocks/\1/attn/\2"),
+    *linear(rf"{_DOUBLE}\.attn\.to_out\.0", r"double_blocks/\1/attn/to_out"),
+    *norm_scale(rf"{_DOUBLE}\.attn\.(norm_q|norm_k|norm_added_q|norm_added_k)", r"double_blocks/\1/attn/\2"),
+    *linear(rf"{_DOUBLE}\.(ff|ff_context)\.net\.0\.proj", r"double_blocks/\1/\2/net_0_proj"),
+    *linear(rf"{_DOUBLE}\.(ff|ff_context)\.net\.2", r"double_blocks/\1/\2/net_2"),
+    *linear(rf"{_SINGLE}\.norm\.linear", r"single_blocks/\1/norm/linear"),
+    *linear(rf"{_SINGLE}\.attn\.(to_q|to_k|to_v)", r"single_blocks/\1/attn/\2"),
+    *norm_scale(rf"{_SINGLE}\.attn\.(norm_q|norm_k)", r"single_blocks/\1/attn/\2"),
+    *linear(rf"{_SINGLE}\.(proj_mlp|proj_out)", r"single_blocks/\1/\2"),
+]
+TRANSFORMER_STACKS = ("double_blocks", "single_blocks")
+
+_T5_BLOCK = r"encoder\.block\.(\d+)\.layer"
+T5_RULES: list[Rule] = [
+    Rule(r"shared\.weight", "embed_tokens/embedding", identity),
+    Rule(r"encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
+         "relative_attention_bias", identity),
+    *linear(rf"{_T5_BLOCK}\.0\.SelfAttention\.(q|k|v|o)", r"blocks/\1/\2", bias=False),
+    *norm_scale(rf"{_T5_BLOCK}\.0\.layer_norm", r"blocks/\1/attn_norm"),
+    *linear(rf"{_T5_BLOCK}\.1\.DenseReluDense\.(wi_0|wi_1|wo)", r"blocks/\1/\2", bias=False),
+    *norm_scale(rf"{_T5_BLOCK}\.1\.layer_norm", r"blocks/\1/ff_norm"),
+    *norm_scale(r"encoder\.final_layer_norm", "final_norm"),
+]
+T5_STACKS = ("blocks",)
+# Tied copy of shared.weight that some T5 checkpoints also store; identical, so it is dropped.
+T5_TIED = "encoder.embed_tokens.weight"
+
+
+# --- the original (Black Forest Labs) single-file layout -------------------------------------------
+
+# (pattern, (match, tensor, inner_dim) -> [(diffusers key, tensor)]): fused qkv / linear1 split on axis 0.
+ORIGINAL_TABLE: list[tuple[str, Callable]] = [
+    (r"(time_in|vector_in|guidance_in)\.(in_layer|out_layer)\.(weight|bias)",
+     lambda m, x, d: [(f"time_text_embed.{_EMBEDDERS[m[1]]}.{_LAYERS[m[2]]}.{m[3]}", x)]),
+    (r"txt_in\.(weight|bias)", lambda m, x, d: [(f"context_embedder.{m[1]}", x)]),
+    (r"img_in\.(weight|bias)", lambda m, x, d: [(f"x_embedder.{m[1]}", x)]),
+    (r"double_blocks\.(\d+)\.(img|txt)_mod\.lin\.(weight|bias)",
+     lambda m, x, d: [(f"transformer_blocks.{m[1]}.{'norm1' if m[2] == 'img' else 'norm1_context'}.linear.{m[3]}",
+                       x)]),
+    (r"double_blocks\.(\d+)\.(img|txt)_attn\.qkv\.(weight|bias)",
+     lambda m, x, d: [(f"transformer_blocks.{m[1]}.attn.{name}.{m[3]}", part) for name, part in zip(
+         ("to_q", "to_k", "to_v") if m[2] == "img" else ("add_q_proj", "add_k_proj", "add_v_proj"),
+         np.split(x, 3, axis=0))]),
+    (r"double_blocks\.(\d+)\.(img|txt)_attn\.norm\.(query|key)_norm\.scale",
+     lambda m, x, d: [(f"transformer_blocks.{m[1]}.attn.norm_{'' if m[2] == 'img' else 'added_'}"
+                       f"{m[3][0]}.weight", x)]),
+    (r"double_blocks\.(\d+)\.(img|txt)_attn\.proj\.(weight|bias)",
+     lambda m, x, d: [(f"transformer_blocks.{m[1]}.attn.{'to_out.0' if m[2] == 'img' else 'to_add_out'}.{m[3]}",
+                       x)]),
+    (r"double_blocks\.(\d+)\.(img|txt)_mlp\.(0|2)\.(weight|bias)",
+     lambda m, x, d: [(f"transformer_blocks.{m[1]}.{'ff' if m[2] == 'img' else 'ff_context'}."
+                       f"{'net.0.proj' if m[3] == '0' else 'net.2'}.{m[4]}", x)]),
+    (r"single_blocks\.(\d+)\.modulation\.lin\.(weight|bias)",
+     lambda m, x, d: [(f"single_transformer_blocks.{m[1]}.norm.linear.{m[2]}", x)]),
+    (r"single_blocks\.(\d+)\.linear1\.(weight|bias)",
+     lambda m, x, d: [(f"single_transformer_blocks.{m[1]}.{name}.{m[2]}", part) for name, part in zip(
+         ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), np.split(x, [d, 2 * d, 3 * d], axis=0))]),
+    (r"single_blocks\.(\d+)\.norm\.(query|key)_norm\.scale",
+     lambda m, x, d: [(f"single_transformer_blocks.{m[1]}.attn.norm_{m[2][0]}.weight", x)]),
+    (r"single_blocks\.(\d+)\.linear2\.(weight|bias)",
+     lambda m, x, d: [(f"single_transformer_blocks.{m[1]}.proj_out.{m[2]}", x)]),
+    (r"final_layer\.linear\.(weight|bias)", lambda m, x, d: [(f"proj_out.{m[1]}", x)]),
+    # BFL splits the final modulation as (shift, scale), diffusers as (scale, shift).
+    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)",
+     lambda m, x, d: [(f"norm_out.linear.{m[1]}", np.concatenate(np.split(x, 2, axis=0)[::-1], axis=0))]),
+]
+_EMBEDDERS = {"time_in": "timestep_embedder", "vector_in": "text_embedder", "guidance_in": "guidance_embedder"}
+_LAYERS = {"in_layer": "linear_1", "out_layer": "linear_2"}
+ORIGINAL_PREFIX = "model.diffusion_model."
+
+
+def original_to_diffusers(tensors: Iterator[tuple[str, np.ndarray]], inner_dim: int):
+    """Rename (and split fused qkv / linear1) original-layout tensors into diffusers keys, one at a time.
+
+    Keys no entry matches pass through unchanged, so the key-table check reports them by their own name.
+    """
+    for key, value in tensors:
+        key = key.removeprefix(ORIGINAL_PREFIX)
+        for pattern, rename in ORIGINAL_TABLE:
+            m = re.fullmatch(pattern, key)
+            if m:
+                yield from rename(m, value, inner_dim)
+                break
+        else:
+            yield key, value
+
+
+def config_from_original(path: str, axes_dims_rope=None) -> dict:
+    """Infer the diffusers transformer config from an original checkpoint's tensor shapes (header only).
+
+    `axes_dims_rope` is not stored in the file; Flux.1 (head dim 128) uses (16, 56, 56).
+    """
+    header, _ = read_header(path)
+    shapes = {k.removeprefix(ORIGINAL_PREFIX): tuple(v["shape"]) for k, v in header.items()}
+    needed = ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "final_layer.linear.weight",
+              "double_blocks.0.img_attn.norm.query_norm.scale"]
+    missing = [k for k in needed if k not in shapes]
+    if missing:
+        raise common.ConversionError(f"{path}: not an original Flux transformer checkpoint; missing {missing}")
+    count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix)})  # noqa: E731
+    inner, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    if axes_dims_rope is None and head_dim != 128:
+        raise ValueError(f"{path}: head dim {head_dim} is not Flux.1's 128; pass axes_dims_rope explicitly")
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "in_channels": in_channels,
+        "out_channels": shapes["final_layer.linear.weight"][0],
+        "num_layers": count("double_blocks."),
+        "num_single_layers": count("single_blocks."),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": shapes["txt_in.weight"][1],
+        "pooled_projection_dim": shapes["vector_in.in_layer.weight"][1],
+        "guidance_embeds": any(k.startswith("guidance_in.") for k in shapes),
+        "axes_dims_rope": list(axes_dims_rope or (16, 56, 56)),
+        "patch_size": 1,
+    }
+
+
+# --- converting components -------------------------------------------------------------------------
+
+def safetensors_files(folder: str, what: str) -> list[str]:
+    """The (possibly sharded) weight files of a diffusers / transformers model folder, in shard order."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: {what} folder not found")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .safetensors weights for the {what} (convert .bin checkpoints with "
+                                "save_pretrained(safe_serialization=True) first)")
+    return files
+
+
+def iter_files(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    for path in files:
+        yield from iter_tensors(path)
+
+
+def write_params(source: str, tensors, rules: list[Rule], stacked_shapes: Mapping[str, tuple], stacks,
+                 out_path: str, dtype, metadata=None, prefix: str = "") -> None:
+    """Stream converted tensors into their slots of `out_path` (keys `prefix/path`); on any problem remove
+    the file and raise."""
+    writer = TensorFileWriter(out_path, {f"{prefix}{k}": v for k, v in stacked_shapes.items()}, dtype, metadata)
+    try:
+        for path, array in common.convert(source, tensors, rules, per_layer_shapes(stacked_shapes, stacks)):
+            key, index = split_layer(path, stacks)
+            writer.write(prefix + key, array, index)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _write_json(path: str, data: Mapping) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(data), f, indent=2, sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One model of the pipeline: its config, a fresh stream of source tensors, and where they go."""
+    source: str
+    config: dict
+    tensors: Callable[[], Iterator[tuple[str, np.ndarray]]]
+    rules: list[Rule]
+    shapes: dict[str, tuple[int, ...]]  # Flax path -> shape (stacked)
+    stacks: tuple[str, ...] = ()
+    layout: str = "diffusers"
+
+
+def transformer_component(src: str, axes_dims_rope=None) -> Component:
+    """A diffusers transformer folder, or an original single file (renamed and split on the fly)."""
+    from jax_inpaint_rl.models import flux_transformer
+
+    if os.path.isdir(src):
+        config = read_json(os.path.join(src, "config.json"))
+        files = safetensors_files(src, "transformer")
+        tensors, layout = (lambda: iter_files(files)), "diffusers"
+    elif os.path.isfile(src):
+        config = config_from_original(src, axes_dims_rope)
+        inner = config["num_attention_heads"] * config["attention_head_dim"]
+        tensors, layout = (lambda: original_to_diffusers(iter_tensors(src), inner)), "original"
+    else:
+        raise FileNotFoundError(f"{src}: transformer checkpoint not found (expected a diffusers folder or an "
+                                "original single .safetensors file)")
+    shapes = shapes_of(flux_transformer.param_shapes(flux_transformer.FluxConfig.from_diffusers(config, src)))
+    return Component(src, config, tensors, TRANSFORMER_RULES, shapes, TRANSFORMER_STACKS, layout)
+
+
+def t5_component(src: str) -> Component:
+    """transformers T5EncoderModel folder; a stored tied copy of the embedding is dropped."""
+    from jax_inpaint_rl.models import t5
+
+    config = read_json(os.path.join(src, "config.json"))
+    files = safetensors_files(src, "T5 encoder")
+    keys = {k for path in files for k in read_header(path)[0]}
+    tied = T5_TIED if "shared.weight" in keys else None
+    tensors = lambda: ((k if k != T5_TIED else "shared.weight", v)  # noqa: E731
+                       for k, v in iter_files(files) if k != tied)
+    shapes = shapes_of(t5.param_shapes(t5.T5Config.from_transformers(config, src)))
+    return Component(src, config, tensors, T5_RULES, shapes, T5_STACKS)
+
+
+def vae_component(src: str) -> Component:
+    """diffusers AutoencoderKL folder (Flux: 16 channels, shift factor, no quant convs)."""
+    import jax
+
+    from jax_inpaint_rl.models import vae as vae_lib
+    from tools.convert_weights.components import vae_rules
+
+    config = read_json(os.path.join(src, "config.json"))
+    model = vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_diffusers(config, src))
+    shapes = shapes_of(jax.eval_shape(lambda: vae_lib.init_params(model, jax.random.key(0))))
+    files = safetensors_files(src, "VAE")
+    return Component(src, config, lambda: iter_files(files), vae_rules(), shapes)
+
+
+def clip_component(src: str) -> Component:
+    """transformers CLIPTextModel folder (Flux uses its pooled output)."""
+    import jax
+
+    from jax_inpaint_rl.models import clip_text
+    from tools.convert_weights.components import clip_text_rules, is_ignored
+
+    config = read_json(os.path.join(src, "config.json"))
+    model = clip_text.CLIPTextTransformer(clip_text.CLIPTextConfig.from_transformers(config, src))
+    shapes = shapes_of(jax.eval_shape(lambda: clip_text.init_params(model, jax.random.key(0))))
+    files = safetensors_files(src, "CLIP text encoder")
+    tensors = lambda: ((k, v) for k, v in iter_files(files) if not is_ignored(k))  # noqa: E731
+    return Component(src, config, tensors, clip_text_rules(), shapes)
+
+
+def params_file(dst: str, name: str) -> str:
+    return os.path.join(dst, "params", f"{name}.safetensors")
+
+
+def convert_component(component: Component, dst: str, name: str, dtype: str = "float32") -> None:
+    """-> dst/params/<name>.safetensors (keys '<name>/<flax path>') and dst/<name>/config.json, streamed."""
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(OUTPUT_DTYPES)}")
+    write_params(component.source, component.tensors(), component.rules, component.shapes, component.stacks,
+                 params_file(dst, name), OUTPUT_DTYPES[dtype], {"source": component.source,
+                                                                "layout": component.layout}, prefix=f"{name}/")
+    _write_json(os.path.join(dst, name, "config.json"), component.config)
+
+
+def verify_component(component: Component, dst: str, name: str) -> int:
+    """Re-read the source one tensor at a time; each must equal its written slot exactly (after the dtype cast)."""
+    out_path = params_file(dst, name)
+    read, _ = read_rows(out_path)
+    mismatched, count = [], 0
+    for path, expected in common.convert(component.source, component.tensors(), component.rules,
+                                         per_layer_shapes(component.shapes, component.stacks)):
+        key, index = split_layer(path, component.stacks)
+        stored = read(f"{name}/{key}", index)
+        if not np.array_equal(np.asarray(expected).astype(stored.dtype), stored):
+            mismatched.append(path)
+        count += 1
+    if mismatched:
+        raise common.ConversionError(f"{out_path}: {len(mismatched)} tensors differ from {component.source}: "
+                                     f"{mismatched}")
+    return count
+
+
+# --- export back to diffusers ----------------------------------------------------------------------
+
+def read_rows(path: str):
+    """key, index -> that row (or the whole tensor when index is None) of a safetensors file, read on demand."""
+    header, start = read_header(path)
+
+    def read(key: str, index: int | None):
+        entry = header[key]
+        dtype, shape = np.dtype(DTYPES[entry["dtype"]]), tuple(entry["shape"])
+        offset = start + entry["data_offsets"][0]
+        if index is not None:
+            offset += index * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            shape = shape[1:]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            buffer = bytearray(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+            f.readinto(buffer)
+        return np.frombuffer(buffer, dtype).reshape(shape)
+
+    return read, header
+
+
+def diffusers_transformer_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
+    """torch state-dict key -> shape of diffusers' FluxTransformer2DModel, built on the meta device."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(dict(config))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def export_transformer(folder: str, dst: str, dtype: str | None = None) -> None:
+    """The transformer of a converted folder -> a diffusers transformer folder (config.json +
+    diffusion_pytorch_model.safetensors), streamed one tensor at a time."""
+    config = read_json(os.path.join(folder, "transformer", "config.json"))
+    read, header = read_rows(params_file(folder, "transformer"))
+    torch_shapes = diffusers_transformer_shapes(config)
+    mapping, unknown = common.map_keys(TRANSFORMER_RULES, torch_shapes)
+    if unknown:
+        raise common.ConversionError(f"export: diffusers keys without a rule: {unknown}")
+    stored = {k: DTYPES[v["dtype"]] for k, v in header.items()}
+    out_dtype = OUTPUT_DTYPES[dtype] if dtype else next(iter(stored.values()))
+    writer = TensorFileWriter(os.path.join(dst, "diffusion_pytorch_model.safetensors"), torch_shapes, out_dtype,
+                              {"format": "pt"})
+    try:
+        for torch_key, (flax_path, rule) in mapping.items():
+            key, index = split_layer(flax_path, TRANSFORMER_STACKS)
+            key = f"transformer/{key}"
+            if key not in header:
+                raise common.ConversionError(f"{params_file(folder, 'transformer')}: {key} (for {torch_key}) "
+                                             "is missing")
+            writer.write(torch_key, common.INVERSE[rule.transform](read(key, index)))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    _write_json(os.path.join(dst, "config.json"), config)
+
+
+# --- the whole pipeline folder ----------------------------------------------------------------------
+
+COPIED = ("tokenizer", "tokenizer_2", "scheduler")
+
+
+def pipeline_components(src: str, transformer: str | None = None, axes_dims_rope=None) -> dict[str, Component]:
+    """Output subfolder -> Component for a diffusers Flux pipeline folder; the transformer may come from
+    elsewhere (`transformer`: a diffusers transformer folder or an original single file)."""
+    if not os.path.isfile(os.path.join(src, "model_index.json")):
+        raise FileNotFoundError(f"{src}: not a diffusers pipeline folder (no model_index.json)")
+    return {
+        "transformer": transformer_component(transformer or os.path.join(src, "transformer"), axes_dims_rope),
+        "vae": vae_component(os.path.join(src, "vae")),
+        "text_encoder": clip_component(os.path.join(src, "text_encoder")),
+        "text_encoder_2": t5_component(os.path.join(src, "text_encoder_2")),
+    }
+
+
+def convert_pipeline(variant: str, src: str, dst: str, dtype: str = "float32", transformer: str | None = None,
+                     axes_dims_rope=None, verify: bool = False) -> None:
+    """A diffusers Flux pipeline folder -> the folder `jax_inpaint_rl.models.flux.load` reads.
+
+    A single original .safetensors file as `src` converts only the transformer (into dst/transformer)."""
+    import shutil
+
+    from jax_inpaint_rl.models import flux as flux_family
+
+    name = variant.replace("-", "_")
+    if name not in flux_family.VARIANTS:
+        raise ValueError(f"variant {variant!r}: expected one of {[v.replace('_', '-') for v in flux_family.VARIANTS]}")
+    if os.path.isfile(src):
+        components = {"transformer": transformer_component(src, axes_dims_rope)}
+    else:
+        components = pipeline_components(src, transformer, axes_dims_rope)
+    for folder, component in components.items():
+        convert_component(component, dst, folder, dtype)
+        if verify:
+            count = verify_component(component, dst, folder)
+            print(f"verified {folder}: {count} tensors equal their source")
+    if os.path.isfile(src):
+        return
+    for folder in COPIED:
+        if not os.path.isdir(os.path.join(src, folder)):
+            raise FileNotFoundError(f"{src}: pipeline folder has no {folder}/")
+        shutil.copytree(os.path.join(src, folder), os.path.join(dst, folder), dirs_exist_ok=True)
+    _write_json(os.path.join(dst, f"{name}.json"), {"family": name, "dtype": dtype, "source": os.path.abspath(src)})
+    flux_family.folder_family(dst, name)  # the components fit this variant (channels, widths)
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+SUBCOMMANDS = ("flux-fill", "flux-kontext", "flux-dev")
+
+
+def add_arguments(parser) -> None:
+    """Options of the flux-fill / flux-kontext / flux-dev subcommands."""
+    parser.add_argument("--src", required=True, help="diffusers pipeline folder, or an original single-file "
+                        "transformer (e.g. flux1-fill-dev.safetensors: converts the transformer only)")
+    parser.add_argument("--dst", required=True, help="output folder")
+    parser.add_argument("--transformer", default=None, help="take the transformer from this diffusers folder or "
+                        "original single file instead of SRC/transformer")
+    parser.add_argument("--dtype", default="float32", choices=sorted(OUTPUT_DTYPES), help="stored parameter dtype")
+    parser.add_argument("--verify", action="store_true", help="re-read every source tensor and check the "
+                        "written one equals it")
+
+
+def run(args) -> None:
+    """`args.command` is the subcommand: flux-fill, flux-kontext or flux-dev."""
+    convert_pipeline(args.command, args.src, args.dst, args.dtype, args.transformer, verify=args.verify)
+    print(f"wrote {args.dst}")
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tools.convert_weights.flux", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMANDS:
+        add_arguments(sub.add_parser(name))
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
