@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.autoencoder_learning_rate = 1e-3
     c.train.warmup_steps = 0  # --rl_warmup_steps: SFT steps before RL
     c.train.learning_rate = 1e-4  # --learning_rate
+    c.train.trainable = "full"  # full | lora (--use_lora) | subset (train only trainable_pattern's parameters)
+    c.train.trainable_pattern = ""  # regex on denoiser parameter paths; LoRA default: attention q/k/v/out
+    c.train.lora_rank = 32  # --lora_rank
+    c.train.lora_alpha = 64.0  # --lora_alpha (the adapter is scaled by alpha / rank)
     c.train.adam_b1 = 0.9
     c.train.adam_b2 = 0.999
     c.train.weight_decay = 1e-4
@@ -81,9 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.reward.specs = {"reference_similarity": {"weight": 1.0}}
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
+    c.mesh.data = -1  # batch split (-1: the devices left over by the other axes)
+    c.mesh.fsdp = 1  # batch and every parameter / optimizer-state matrix split (ZeRO-3 style)
+    c.mesh.tensor = 1  # the family's tensor-parallel layers split (parallel/partition.py)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.interval = 5  # --checkpointing_steps (in epochs)

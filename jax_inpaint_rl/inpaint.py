@@ -66,7 +66,7 @@ class Inpainter:
         tokens, negative = self.family.tokenize(prompts), self.family.tokenize([""] * len(prompts))
         cond = self.encode(self.others, tokens, negative, image, mask)
         x_init = jax.random.normal(jax.random.key(seed), (len(examples), *self.latent_shape))
-        trajectory = self.sample(self.denoiser, cond, x_init, jax.random.key(seed), self.window)
+        trajectory = self.sample({}, self.denoiser, cond, x_init, jax.random.key(seed), self.window)
         return report.to_uint8(self.decode(self.others, trajectory.latents[:, -1], image, mask))
 
 

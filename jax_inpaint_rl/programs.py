@@ -2,8 +2,10 @@
 
 Each is built once from (family, config) and closes over functions only, never
 over arrays, so parameters travel as arguments (shardable, donatable) and a
-program compiles once per shape.
+program compiles once per shape. Sampling and updating take the frozen `base`
+and the trainable tree apart (algorithms/trainable.py) and merge them inside.
 """
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -51,11 +53,29 @@ def make_encode(family: Family) -> Callable:
     return encode
 
 
-def make_sample(policy: objectives.Policy) -> Callable:
+Merge = Callable[[Any, Any], Any]  # (frozen base, trainable) -> denoiser params
+
+
+def whole(base, params):
+    """The merge of full fine-tuning: the trainable tree is the whole denoiser."""
+    del base
+    return params
+
+
+def with_base(policy: objectives.Policy, merge: Merge, base) -> objectives.Policy:
+    """The policy over trainable trees: every model call runs on merge(base, trainable)."""
+    def over_trainable(fn):
+        return lambda trainable, *args: fn(merge(base, trainable), *args)
+
+    return dataclasses.replace(policy, guided=over_trainable(policy.guided), unguided=over_trainable(policy.unguided))
+
+
+def make_sample(policy: objectives.Policy, merge: Merge = whole) -> Callable:
+    """Jitted (base, trainable, cond, x_init, key, window) -> Trajectory; merges once per rollout."""
     @jax.jit
-    def sample(denoiser_params, cond, x_init, key, window):
-        return rollout_lib.rollout(policy.guided, denoiser_params, cond, x_init, policy.schedule, policy.sampler,
-                                   key, window)
+    def sample(base, trainable, cond, x_init, key, window):
+        return rollout_lib.rollout(policy.guided, merge(base, trainable), cond, x_init, policy.schedule,
+                                   policy.sampler, key, window)
 
     return sample
 
@@ -82,43 +102,62 @@ def make_optimizer(learning_rate: float, config) -> optax.GradientTransformation
                     weight_decay=config.train.weight_decay))
 
 
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+def _pin(tree, shardings):
+    """`tree` placed as `shardings` says (when given): outputs keep their inputs' placement, so the next call
+    finds the same input shardings and does not compile again."""
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
 
-def make_update(policy: objectives.Policy, objective: Callable, optimizer: optax.GradientTransformation,
-                ema_config) -> Callable:
-    """Jitted (state, batch, key, apply) -> (state, metrics).
+def make_accumulate(policy: objectives.Policy, objective: Callable, merge: Merge = whole,
+                    state_sharding=None) -> Callable:
+    """Jitted (state, base, batch, key) -> (state, metrics).
 
-    Adds the gradient of `objective` w.r.t. state['params'] to state['grad_sum'];
-    when `apply` is true, steps the optimizer on the mean of the accumulated
-    gradients (trained timesteps x gradient_accumulation_steps micro-batches) and
-    clears them. A non-finite loss or gradient is not accumulated and is counted.
+    Adds the gradient of `objective` w.r.t. state['params'] (the trainable tree;
+    the model runs on merge(base, params)) to state['grad_sum'] and counts it in
+    state['grad_count']. A non-finite loss or gradient is not added; it is
+    counted in 'skipped' and in 'nonfinite' (in a row).
     """
 
-    def run(state: dict[str, Any], batch, key, apply):
+    def run(state: dict[str, Any], base, batch, key):
         frozen = {name: state[name] for name in ("old", "ref") if name in state}
+        bound = with_base(policy, merge, base)
         (loss, metrics), grads = jax.value_and_grad(
-            lambda p: objective(policy, p, frozen, batch, key), has_aux=True)(state["params"])
-        finite = jnp.isfinite(loss) & _all_finite(grads)
-        grad_sum = jax.tree.map(lambda acc, g: acc + jnp.where(finite, g, 0.0), state["grad_sum"], grads)
-        count = state["grad_count"] + finite.astype(jnp.int32)
-        step_now = apply & (count > 0)
-        mean_grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1).astype(g.dtype), grad_sum)
-        updates, opt_state = optimizer.update(mean_grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        choose = lambda new, old: jax.tree.map(lambda n, o: jnp.where(step_now, n, o), new, old)  # noqa: E731
-        new_state = {**state, "params": choose(params, state["params"]),
-                     "opt_state": choose(opt_state, state["opt_state"]),
-                     "grad_sum": jax.tree.map(lambda g: jnp.where(apply, jnp.zeros_like(g), g), grad_sum),
-                     "grad_count": jnp.where(apply, 0, count),
-                     "step": state["step"] + step_now.astype(jnp.int32),
+            lambda p: objective(bound, p, frozen, batch, key), has_aux=True)(state["params"])
+        grad_norm = optax.tree.norm(grads)
+        # one reduction rather than a check per leaf (which multiplied compile time): the norm is non-finite
+        # iff some entry is, or overflows fp32 when squared (> 1e19: garbage either way)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = {**state,
+                     "grad_sum": jax.tree.map(lambda acc, g: acc + jnp.where(finite, g, 0.0), state["grad_sum"], grads),
+                     "grad_count": state["grad_count"] + finite.astype(jnp.int32),
                      "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
                      "skipped": state["skipped"] + (~finite).astype(jnp.int32)}
+        metrics = {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+        return _pin(new_state, state_sharding), metrics
+
+    return jax.jit(run, donate_argnums=(0,))
+
+
+def make_apply(optimizer: optax.GradientTransformation, ema_config, state_sharding=None) -> Callable:
+    """Jitted state -> state: one optimizer step on the mean of the accumulated gradients (trained timesteps x
+    gradient_accumulation_steps micro-batches), the EMA update, and the gradients cleared.
+
+    Apart from accumulation so that micro-steps never run the optimizer; the
+    trainer calls it at the end of a window that added a finite gradient.
+    """
+
+    def run(state: dict[str, Any]):
+        count = state["grad_count"].astype(jnp.float32)
+        mean_grads = jax.tree.map(lambda g: g / count.astype(g.dtype), state["grad_sum"])
+        updates, opt_state = optimizer.update(mean_grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        step = state["step"] + 1
+        new_state = {**state, "params": params, "opt_state": opt_state, "step": step,
+                     "grad_sum": jax.tree.map(jnp.zeros_like, state["grad_sum"]),
+                     "grad_count": jnp.zeros_like(state["grad_count"])}
         if "ema" in state:
-            new_state["ema"] = choose(ema_lib.ema_update_every(state["ema"], new_state["params"], new_state["step"],
-                                                               ema_config.decay, ema_config.interval), state["ema"])
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "finite": finite.astype(jnp.float32)}
-        return new_state, metrics
+            new_state["ema"] = ema_lib.ema_update_every(state["ema"], params, step, ema_config.decay,
+                                                        ema_config.interval)
+        return _pin(new_state, state_sharding)
 
     return jax.jit(run, donate_argnums=(0,))

@@ -5,6 +5,7 @@ score on the host, compute group advantages, then run the algorithm's jitted
 update over shuffled minibatches. GRPO, NFT, DPO and SFT share the update program;
 only the objective differs.
 """
+import functools
 import json
 import os
 import signal
@@ -22,12 +23,14 @@ from tqdm import tqdm
 from jax_inpaint_rl import programs, report
 from jax_inpaint_rl.algorithms import advantages as adv_lib
 from jax_inpaint_rl.algorithms import dpo, grpo, nft, objectives
+from jax_inpaint_rl.algorithms import trainable as trainable_lib
 from jax_inpaint_rl.algorithms.ema import ema_update
 from jax_inpaint_rl.checkpoint.export import read_denoiser, write_export
 from jax_inpaint_rl.checkpoint.manager import Checkpointer
 from jax_inpaint_rl.diffusion import rollout as rollout_lib
 from jax_inpaint_rl.diffusion.steps import STEP_FUNCTIONS, Sampler
 from jax_inpaint_rl.parallel import mesh as mesh_lib
+from jax_inpaint_rl.parallel import partition
 from jax_inpaint_rl.rewards.calculator import RewardCalculator
 from jax_inpaint_rl.setup import build_family, build_loaders, build_reward
 
@@ -57,22 +60,23 @@ def validate(config) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(f"config: {message}")
+    trainable_lib.from_config(config.train)
 
 
-def initial_state(denoiser_params, optimizer, config, key) -> dict[str, Any]:
-    """Everything a resume needs, as one pytree."""
+def initial_state(trainable, optimizer, config, key) -> dict[str, Any]:
+    """Everything a resume needs, as one pytree (the frozen base is rebuilt from the config)."""
     method, rl = config.train.method, config.train.use_rl and config.train.method != "sft"
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731
-    state = {"params": denoiser_params, "opt_state": optimizer.init(denoiser_params),
-             "grad_sum": jax.tree.map(jnp.zeros_like, denoiser_params), "grad_count": jnp.zeros((), jnp.int32),
+    state = {"params": trainable, "opt_state": optimizer.init(trainable),
+             "grad_sum": jax.tree.map(jnp.zeros_like, trainable), "grad_count": jnp.zeros((), jnp.int32),
              "step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32),
              "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(key)}
     if config.ema.enabled:
-        state["ema"] = copy(denoiser_params)
+        state["ema"] = copy(trainable)
     if rl and method == "nft":
-        state["old"] = copy(denoiser_params)
+        state["old"] = copy(trainable)
     if rl and (method == "dpo" or config.train.kl_beta > 0):
-        state["ref"] = copy(denoiser_params)
+        state["ref"] = copy(trainable)
     return state
 
 
@@ -125,8 +129,11 @@ class Run:
         self.mesh = mesh_lib.make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp,
                                         "tensor": config.mesh.tensor})
         self.replicated, self.sharded = mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)
-        self._base_params = jax.device_put({k: v for k, v in params.items() if k != family.denoiser_key},
-                                           self.replicated)
+        self._base_params = self._place({k: v for k, v in params.items() if k != family.denoiser_key})
+        self.trainable = trainable_lib.from_config(config.train)
+        self.merge = functools.partial(trainable_lib.merge, self.trainable)
+        denoiser = params[family.denoiser_key]
+        self.denoiser_base = self._place(trainable_lib.frozen_base(self.trainable, denoiser))
         _check_divisible(config, mesh_lib.data_parallel_size(self.mesh))
         resolution = config.data.resolution
         self.latent_shape = family.latent_shape(resolution, resolution)
@@ -137,19 +144,20 @@ class Run:
         self.encode = programs.make_encode(family)
         self.encode_image = programs.make_encode_image(family)
         self.decode = programs.make_decode(family)
-        self.sample = programs.make_sample(self.policy)
+        self.sample = programs.make_sample(self.policy, self.merge)
         self.sample_eval = self.sample  # the same program: evaluation only turns the SDE window off
         if config.sample.eval_num_steps != config.sample.num_steps:
             eval_schedule = programs.make_schedule(family, config, config.sample.eval_num_steps, self.latent_shape)
             self.sample_eval = programs.make_sample(programs.make_policy(
-                family, config, eval_schedule, rl_sampler, config.sample.guidance_scale))
+                family, config, eval_schedule, rl_sampler, config.sample.guidance_scale), self.merge)
         self.optimizer = programs.make_optimizer(config.train.learning_rate, config)
-        self.updates = {}
-        self.state = jax.device_put(
-            initial_state(params[family.denoiser_key], self.optimizer, config, jax.random.key(config.seed)),
-            self.replicated)
+        self.accumulators, self.apply_step = {}, None
+        adapter_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+        state = initial_state(trainable_lib.init(self.trainable, denoiser, adapter_key), self.optimizer, config,
+                              jax.random.key(config.seed))
         if config.train.autoencoder_steps > 0:  # a fitted autoencoder is part of what a resume needs
-            self.state["base"] = self._base_params
+            state["base"] = self._base_params
+        self.state = self._place(state)
         self.history: list[dict] = []
         self.epoch = 0
         self.log = report.MetricLog(config.output_dir, enabled=jax.process_index() == 0)
@@ -164,8 +172,9 @@ class Run:
 
     # ---------- programs ----------
 
-    def update_for(self, method: str):
-        if method not in self.updates:
+    def accumulate_for(self, method: str):
+        """The jitted gradient accumulation of `method`'s objective (built once per method)."""
+        if method not in self.accumulators:
             t = self.config.train
             kwargs = {
                 "grpo": dict(clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, kl_beta=t.kl_beta),
@@ -177,26 +186,42 @@ class Run:
             }[method]
             objective = lambda policy, p, frozen, batch, key: objectives.OBJECTIVES[method](  # noqa: E731
                 policy, p, frozen, batch, key, **kwargs)
-            self.updates[method] = programs.make_update(self.policy, objective, self.optimizer, self.config.ema)
-        return self.updates[method]
+            self.accumulators[method] = programs.make_accumulate(self.policy, objective, self.merge,
+                                                                 self._state_sharding())
+        return self.accumulators[method]
 
-    def _apply_update(self, method: str, batch, apply: bool = True) -> dict:
-        """One micro-step; the optimizer steps when `apply` (end of an accumulation window)."""
+    def _state_sharding(self):
+        return jax.tree.map(lambda a: a.sharding, self.state)
+
+    def _micro_step(self, method: str, batch, apply: bool = True) -> dict:
+        """Accumulate one micro-batch's gradient; step the optimizer when `apply` (end of an accumulation
+        window) and the window added a finite gradient."""
         self.state, (key,) = _split(self.state, 1)
-        self.state, metrics = self.update_for(method)(self.state, self._shard(batch), key, jnp.asarray(apply))
+        self.state, metrics = self.accumulate_for(method)(self.state, self.denoiser_base, self._shard(batch), key)
         metrics = jax.device_get(metrics)
         if int(self.state["nonfinite"]) >= self.config.train.max_nonfinite_steps:
             self.save()
             raise FloatingPointError(
                 f"{int(self.state['nonfinite'])} non-finite updates in a row (train.max_nonfinite_steps); "
                 f"the last good state is saved in {self.checkpointer.directory}")
+        if apply and int(self.state["grad_count"]) > 0:
+            if self.apply_step is None:
+                self.apply_step = programs.make_apply(self.optimizer, self.config.ema, self._state_sharding())
+            self.state = self.apply_step(self.state)
         return metrics
 
+    def _place(self, tree):
+        """Parameters and train state on the mesh: fsdp / tensor splits by parameter path (parallel/partition.py)."""
+        return jax.device_put(tree, partition.tree_shardings(tree, self.mesh, self.family.tensor_rules))
+
     def _shard(self, tree):
-        """Per-sample arrays split over the data axes; anything else (e.g. the (T,) window) replicated."""
+        """Per-sample arrays split over the data axes; anything else (e.g. the (T,) window) replicated, and so is
+        a batch the data-parallel size does not divide (training sizes are checked at start-up; an eval set may
+        be any size)."""
         leaves = jax.tree.leaves(tree)
         batch = max(np.shape(leaf)[0] for leaf in leaves if np.ndim(leaf))
-        return jax.tree.map(lambda a: jax.device_put(a, self.sharded if np.ndim(a) and np.shape(a)[0] == batch
+        per_sample = self.sharded if batch % mesh_lib.data_parallel_size(self.mesh) == 0 else self.replicated
+        return jax.tree.map(lambda a: jax.device_put(a, per_sample if np.ndim(a) and np.shape(a)[0] == batch
                                                      else self.replicated), tree)
 
     # ---------- data -> conditioning ----------
@@ -225,7 +250,7 @@ class Run:
         image_cond = cond["positive"] if "positive" in cond else cond
         if "mask" in image_cond and jnp.ndim(image_cond["mask"]) == x0.ndim:
             train_batch["latent_mask"] = image_cond["mask"]
-        return self._apply_update("sft", train_batch, apply)
+        return self._micro_step("sft", train_batch, apply)
 
     def _window(self, key) -> np.ndarray:
         s = self.config.sample
@@ -250,7 +275,7 @@ class Run:
             self.state, (noise_key, sde_key) = _split(self.state)
             x_init = rollout_lib.initial_noise(noise_key, s.prompts_per_batch, s.images_per_prompt,
                                                self.latent_shape, s.same_noise_per_group)
-            trajectory = self.sample(sampling_params, cond, self._shard(x_init), sde_key, window)
+            trajectory = self.sample(self.denoiser_base, sampling_params, cond, self._shard(x_init), sde_key, window)
             images = report.to_uint8(self.decode(self.frozen_params, trajectory.latents[:, -1], image, mask))
             # scored in a worker thread while the next batch is rolled out
             pending.append(self.rewards.submit(images, batch["prompt"], _reward_meta(batch)))
@@ -311,7 +336,7 @@ class Run:
                 window_end = (number + 1) % t.gradient_accumulation_steps == 0 or number == len(starts) - 1
                 columns = step_index.shape[1]
                 for column in range(columns):  # gradients of every trained step are accumulated
-                    metrics = self._apply_update(t.method, {**batch, "step_index": step_index[idx, column]},
+                    metrics = self._micro_step(t.method, {**batch, "step_index": step_index[idx, column]},
                                                  apply=window_end and column == columns - 1)
                     if inner == 0 and start == 0 and t.method == "grpo":  # no update has happened yet
                         deviation = max(abs(metrics["ratio_max"] - 1), abs(metrics["ratio_min"] - 1))
@@ -336,7 +361,7 @@ class Run:
                 batch = {"winner": clean[winner[pairs]], "loser": clean[loser[pairs]],
                          "cond": _take(cond, winner[pairs]), "weight": has[pairs].astype(jnp.float32)}
                 window_end = (number + 1) % t.gradient_accumulation_steps == 0 or number == len(starts) - 1
-                per_update.append(self._apply_update("dpo", batch, apply=window_end))
+                per_update.append(self._micro_step("dpo", batch, apply=window_end))
                 if t.dpo_ref_update_interval > 0:
                     self.state = {**self.state, "ref": jax.jit(dpo.refresh_reference, static_argnums=3)(
                         self.state["ref"], self.state["params"], self.state["step"], t.dpo_ref_update_interval)}
@@ -354,7 +379,7 @@ class Run:
             cond, image, mask = self._condition(batch)
             x_init = jax.random.normal(jax.random.key(self.config.seed + 7919), (len(batch["prompt"]),
                                                                                  *self.latent_shape))
-            trajectory = self.sample_eval(params, cond, x_init, jax.random.key(0), window)
+            trajectory = self.sample_eval(self.denoiser_base, params, cond, x_init, jax.random.key(0), window)
             images = report.to_uint8(self.decode(self.frozen_params, trajectory.latents[:, -1], image, mask))
             result = self.rewards(images, batch["prompt"], _reward_meta(batch))
             valid = np.asarray(batch.get("valid", np.ones(len(images), bool))) & (result["valid"] > 0)
@@ -428,7 +453,9 @@ class Run:
                     break
             summary["eval_reward_final"] = next((h["eval_reward"] for h in reversed(self.history)
                                                  if "eval_reward" in h), float("nan"))
-            write_export(os.path.join(c.output_dir, "export"), c, self.state["params"], self.state.get("ema"),
+            merged = {name: jax.jit(self.merge)(self.denoiser_base, self.state[name])
+                      for name in ("params", "ema") if name in self.state}
+            write_export(os.path.join(c.output_dir, "export"), c, merged["params"], merged.get("ema"),
                          self.state.get("base"))
             if jax.process_index() == 0:
                 report.save_reward_curve(os.path.join(c.output_dir, "reward_curve.png"), self.history)

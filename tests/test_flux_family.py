@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from jax_inpaint_rl.diffusion import schedules
-from jax_inpaint_rl.models import family as family_lib
 from jax_inpaint_rl.models import flux
 from tests.sd15_fixtures import TEXT_CONFIGS, clip_tokenizer, randomize_norms, relative_error
 
@@ -168,9 +167,9 @@ def test_packing_and_ids_follow_diffusers():
     np.testing.assert_array_equal(flux.image_ids(3, 5, first=1.0)[:, 0], 1.0)
 
 
-def test_tiny_families_through_the_registry():
+def test_tiny_families_of_every_variant():
     for name in flux.VARIANTS:
-        family = family_lib.get_family(name, tiny=True)
+        family, _ = flux.tiny(name)
         assert family.name == name and family.prediction == "velocity" and family.guidance == "embedded"
         assert family.denoiser_key == "transformer" and family.latent_shape(SIZE, 64) == (SIZE // 4, 16, 64)
     family, params = flux.tiny("flux_kontext", seed=1)  # Fill and Kontext conditioning run in the parity tests
@@ -200,5 +199,3 @@ def test_bad_inputs_are_named(tmp_path):
         flux.build_modules("flux_fill", transformer, vae, clip, t5_config)
     with pytest.raises(FileNotFoundError, match="no_such_folder"):
         flux.load(str(tmp_path / "no_such_folder"), name="flux_fill")
-    with pytest.raises(KeyError, match="unknown model family 'flux_schnell'"):
-        family_lib.get_family("flux_schnell")

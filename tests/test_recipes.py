@@ -44,7 +44,7 @@ def tiny_version(config, output_dir):
     config.sample.window_max_start = min(config.sample.window_max_start, 1)
     config.train.num_epochs = 1
     config.train.warmup_steps = 1
-    config.train.autoencoder_steps = min(config.train.autoencoder_steps, 1)
+    config.train.autoencoder_steps = 0
     config.train.minibatch_size = 2
     config.train.timestep_fraction = 1.0
     config.eval.interval = 1

@@ -3,10 +3,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jax_inpaint_rl.algorithms import grpo
 from jax_inpaint_rl.diffusion import rollout as rollout_lib, schedules, steps
 from jax_inpaint_rl.parallel import mesh as mesh_lib
+from jax_inpaint_rl.parallel import partition
 from tests import toy_policy
 
 
@@ -55,3 +57,52 @@ def test_mesh_from_config_and_errors():
         mesh_lib.make_mesh({"data": 3, "tensor": 4})
     with pytest.raises(ValueError, match="unknown"):
         mesh_lib.make_mesh({"model": 8})
+
+
+def _flux_fill_shapes():
+    from jax_inpaint_rl.models import flux_transformer as ft
+
+    config = dict(in_channels=384, out_channels=64, guidance_embeds=True, num_layers=19, num_single_layers=38,
+                  attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                  pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+    return ft.param_shapes(ft.FluxConfig.from_diffusers(config))
+
+
+def test_flux_partition_rules_split_the_full_size_transformer():
+    """On the real Flux Fill shapes: tensor rules hit q/k/v (outputs) and out projections (inputs), and
+    fsdp x tensor = 8 leaves each device 1/8 of the parameters (up to the replicated vectors)."""
+    from jax_inpaint_rl.models import flux
+
+    shapes = _flux_fill_shapes()
+    sizes = {"data": 1, "fsdp": 4, "tensor": 2}
+    specs = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: partition.leaf_spec(partition.path_string(path), leaf.shape, sizes, flux.TENSOR_RULES),
+        shapes)
+    double, single = specs["double_blocks"], specs["single_blocks"]
+    assert double["attn"]["to_q"]["kernel"] == P(None, "fsdp", "tensor")  # (layers, in, out)
+    assert double["attn"]["add_v_proj"]["kernel"] == P(None, "fsdp", "tensor")
+    assert double["attn"]["to_out"]["kernel"] == P(None, "tensor", "fsdp")
+    assert double["ff"]["net_2"]["kernel"] == P(None, "tensor", "fsdp")
+    assert single["proj_mlp"]["kernel"] == P(None, "fsdp", "tensor")
+    assert double["attn"]["to_q"]["bias"] == P(None, ("fsdp", "tensor"))  # no tensor rule: split 8 ways
+    assert specs["x_embedder"]["kernel"] == P(None, ("fsdp", "tensor"))  # (384, 3072): the larger axis
+    total = per_device = 0
+    for leaf, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
+        names = [name for entry in spec if entry is not None for name in np.atleast_1d(entry)]
+        split = np.prod([sizes[name] for name in names])
+        total, per_device = total + np.prod(leaf.shape), per_device + np.prod(leaf.shape) / split
+    assert per_device < 1.001 * total / 8
+
+
+def test_tree_shardings_place_optimizer_state_like_its_parameters():
+    import optax
+
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    params = {"attn": {"to_q": {"kernel": jnp.zeros((8, 6)), "bias": jnp.zeros(6)}}}
+    state = {"params": params, "opt": optax.adam(1e-3).init(params), "rng": jnp.zeros(2, jnp.uint32)}
+    shardings = partition.tree_shardings(state, mesh, ((r"/to_q/kernel$", -1),))
+    assert shardings["params"]["attn"]["to_q"]["kernel"].spec == P("fsdp", "tensor")
+    assert shardings["opt"][0].mu["attn"]["to_q"]["kernel"].spec == P("fsdp", "tensor")
+    assert shardings["params"]["attn"]["to_q"]["bias"].spec == P() and shardings["rng"].spec == P()
+    placed = jax.device_put(state, shardings)
+    assert placed["params"]["attn"]["to_q"]["kernel"].addressable_shards[0].data.shape == (4, 3)

@@ -2,11 +2,13 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from configs import base
-from jax_inpaint_rl import train
+from jax_inpaint_rl import setup, train
 from tests import toy_family
 
 RES = 16
@@ -134,10 +136,47 @@ def test_bad_config_values_fail_before_compiling(tmp_path):
         train.validate(make_config(tmp_path, "ppo"))
     with pytest.raises(ValueError, match="images_per_prompt must be >= 2"):
         train.validate(make_config(tmp_path, "grpo", sample__images_per_prompt=1))
+    with pytest.raises(ValueError, match="model.family='flux_schnell'"):
+        setup.build_family(make_config(tmp_path, "grpo", model__family="flux_schnell"))
+    with pytest.raises(ValueError, match="model.path is empty"):
+        setup.build_family(make_config(tmp_path, "grpo", model__family="flux_fill"))
+    with pytest.raises(FileNotFoundError, match="model.path=/no/such/dir"):
+        setup.build_family(make_config(tmp_path, "grpo", model__family="flux_fill", model__path="/no/such/dir"))
+
+
+@pytest.mark.parametrize("mode,pattern,trained", [
+    ("lora", "/w[12]$", {("w1", "lora_a"), ("w1", "lora_b"), ("w2", "lora_a"), ("w2", "lora_b")}),
+    ("subset", "/(w3|b3)$", {("w3",), ("b3",)}),
+])
+def test_lora_and_subset_train_only_their_parameters(tmp_path, mode, pattern, trained):
+    from flax import traverse_util
+
+    from jax_inpaint_rl.checkpoint.export import read_denoiser
+
+    config = make_config(tmp_path / mode, "grpo", train__trainable=mode, train__trainable_pattern=pattern,
+                         train__lora_rank=4, train__lora_alpha=8.0, train__kl_beta=0.01, ema__enabled=True,
+                         ema__decay=0.5)
+    runner, _ = run(config)
+    state, initial = runner.state, toy_family.tiny(seed=0, resolution=RES)[1]["denoiser"]
+    assert set(traverse_util.flatten_dict(state["params"])) == trained
+    trained_size = sum(leaf.size for leaf in jax.tree.leaves(state["params"]))
+    moments = [leaf for leaf in jax.tree.leaves(state["opt_state"]) if leaf.ndim]
+    assert sum(leaf.size for leaf in moments) == 2 * trained_size  # Adam state for the trainable part only
+    for got, want in zip(jax.tree.leaves(runner.denoiser_base), jax.tree.leaves(initial)):
+        np.testing.assert_array_equal(got, want)  # the base never moves
+    if mode == "lora":  # the reference is the base: adapters with B = 0
+        assert all(not np.any(np.asarray(adapter["lora_b"])) for adapter in state["ref"].values())
+        assert all(np.any(np.asarray(adapter["lora_b"])) for adapter in state["params"].values())
+    lines = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
+    assert [line for line in lines if "first_ratio_deviation" in line][0]["first_ratio_deviation"] < 1e-6
+    exported = read_denoiser(os.path.join(config.output_dir, "export"), initial, use_ema=True)
+    merged = runner.merge(runner.denoiser_base, state["ema"])
+    for got, want in zip(jax.tree.leaves(exported), jax.tree.leaves(merged)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 def _final_params(runner):
-    return [np.asarray(leaf) for leaf in __import__("jax").tree.leaves(runner.state["params"])]
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(runner.state["params"])]
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
@@ -190,20 +229,27 @@ def test_sigterm_saves_and_stops(tmp_path):
 
 
 def test_eight_devices_give_the_single_device_run(tmp_path):
-    """Same config and seed on a 1-device and an 8-device data mesh: same metrics and params (fp32 tolerance)."""
+    """Same config and seed on 1 device, an 8-device data mesh and a 2x2x2 data x fsdp x tensor mesh: same
+    metrics and params (fp32 tolerance), with the parameters really split."""
+    meshes = {"one": dict(mesh__data=1), "data8": dict(mesh__data=8),
+              "data2_fsdp2_tensor2": dict(mesh__data=2, mesh__fsdp=2, mesh__tensor=2)}
     results = {}
-    for devices in (1, 8):
-        config = make_config(tmp_path / f"d{devices}", "grpo", mesh__data=devices, train__kl_beta=0.01,
-                             train__num_epochs=1)
+    for name, mesh in meshes.items():
+        config = make_config(tmp_path / name, "grpo", train__kl_beta=0.01, train__num_epochs=1, **mesh)
         runner, _ = run(config, eval_examples=8)
         lines = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
-        results[devices] = (runner, lines)
-    (one, one_lines), (eight, eight_lines) = results[1], results[8]
-    assert len(eight.state["params"]["w1"].sharding.device_set) == 8
-    for a, b in zip(one_lines, eight_lines):
-        assert a.keys() == b.keys()
-        for key in a:
-            if key not in ("epoch_time_s", "images_per_s"):
-                np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
-    for a, b in zip(_final_params(one), _final_params(eight)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        results[name] = (runner, lines)
+    one, one_lines = results.pop("one")
+    assert len(results["data8"][0].state["params"]["w1"].sharding.device_set) == 8
+    split = results["data2_fsdp2_tensor2"][0].state
+    assert split["params"]["w1"].sharding.spec == P("fsdp", "tensor")  # toy rule: w1 splits its outputs
+    assert split["params"]["w2"].sharding.spec == P("tensor", "fsdp")  # w2 its inputs
+    assert split["opt_state"][1][0].mu["w2"].sharding.spec == P("tensor", "fsdp")
+    for name, (runner, lines) in results.items():
+        for a, b in zip(one_lines, lines):
+            assert a.keys() == b.keys()
+            for key in a:
+                if not key.endswith("_s"):  # wall-clock timings differ run to run
+                    np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=f"{name}: {key}")
+        for a, b in zip(_final_params(one), _final_params(runner)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)

@@ -64,5 +64,6 @@ def tiny(seed: int = 0, resolution: int = 16, prediction: str = "velocity"):
         encode_image=lambda params, image: _pool(image),
         decode=lambda params, x: jnp.clip(jnp.repeat(jnp.repeat(x, DOWN, 1), DOWN, 2), -1, 1),
         latent_shape=lambda h, w: (h // DOWN, w // DOWN, 3),
+        tensor_rules=(("/w1$", -1), ("/w2$", -2)),
     )
     return family, params

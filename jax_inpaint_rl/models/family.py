@@ -1,4 +1,4 @@
-"""The contract every model family fulfils, and the registry that names them.
+"""The contract every model family fulfils (`jax_inpaint_rl.setup.FAMILY_MODULES` names them).
 
 A family is a bundle of pure functions over a parameter pytree
 `{'denoiser': ..., 'vae': ..., 'text': ...}` (component names are the family's
@@ -39,22 +39,5 @@ class Family:
     decode: Callable[[Params, Any], Any]
     # (height, width) -> latent shape without the batch axis
     latent_shape: Callable[[int, int], tuple[int, ...]]
-
-
-_REGISTRY: dict[str, Callable[..., Family]] = {}
-
-
-def register(name: str):
-    """Decorator for a factory `(config) -> Family` under `name`."""
-
-    def wrap(factory):
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def get_family(name: str, **config) -> Family:
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown model family {name!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**config)
+    # (regex on a denoiser parameter path, axis split over the mesh's 'tensor' axis); see parallel/partition.py
+    tensor_rules: tuple[tuple[str, int], ...] = ()

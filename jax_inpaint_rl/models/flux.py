@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_inpaint_rl.models import clip_text, flux_transformer, t5, vae as vae_lib
-from jax_inpaint_rl.models.family import Family, register
+from jax_inpaint_rl.models.family import Family
 from jax_inpaint_rl.models.flux_transformer import FluxConfig, FluxTransformer
 from jax_inpaint_rl.models.params_io import load_params, read_json
 
@@ -164,13 +164,19 @@ def expected_in_channels(variant: str, vae_config: vae_lib.VAEConfig) -> int:
     return packed
 
 
+# tensor parallelism (parallel/partition.py): projections into heads and the first MLP layer split their outputs,
+# projections out of them their inputs, in the double blocks (both streams) and the single blocks
+TENSOR_RULES = ((r"/(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|net_0_proj|proj_mlp)/kernel$", -1),
+                (r"/(to_out|to_add_out|net_2)/kernel$", -2))
+
+
 def make_family(modules: Modules, tokenize: Callable) -> Family:
     bind = lambda fn: functools.partial(fn, modules)  # noqa: E731
     return Family(
         name=modules.variant, prediction="velocity", guidance="embedded", denoiser_key="transformer",
         tokenize=tokenize, encode_prompt=bind(encode_prompt), prepare_condition=bind(prepare_condition),
         denoise=bind(denoise), encode_image=lambda params, image: encode_latents(modules, params["vae"], image),
-        decode=bind(decode), latent_shape=bind(latent_shape))
+        decode=bind(decode), latent_shape=bind(latent_shape), tensor_rules=TENSOR_RULES)
 
 
 def build_modules(variant: str, transformer: FluxConfig, vae: vae_lib.VAEConfig, clip: clip_text.CLIPTextConfig,
@@ -298,17 +304,3 @@ def tiny(name: str = "flux_fill", seed: int = 0, dtype: Any = "float32", remat: 
     """(Family, params) of a tiny random Flux family, built in JAX (seconds on CPU at 32x32 / 64x64)."""
     modules = tiny_modules(name, dtype, remat)
     return make_family(modules, hash_tokenize), random_params(param_shapes(modules), seed)
-
-
-def _factory(variant: str):
-    def factory(path: str = "", tiny: bool = False, dtype: Any = "float32", remat: bool = False) -> Family:
-        """A converted folder's family, or the tiny random one (`tiny=True`)."""
-        if tiny:
-            return make_family(tiny_modules(variant, dtype, remat), hash_tokenize)
-        return folder_family(path, variant, dtype, remat)
-
-    return factory
-
-
-for _variant in VARIANTS:
-    register(_variant)(_factory(_variant))

@@ -23,10 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_inpaint_rl.models import clip_text, params_io, unet2d, vae
-from jax_inpaint_rl.models.family import Family, register
+from jax_inpaint_rl.models.family import Family
 from jax_inpaint_rl.models.inpaint_utils import check_image_and_mask, latent_mask, masked_image
 
 COMPONENTS = ("unet", "vae", "text_encoder")
+# tensor parallelism: attention q / k / v and GEGLU input split their outputs, attention out and GEGLU output
+# their inputs (parallel/partition.py)
+TENSOR_RULES = ((r"/(to_q|to_k|to_v|ff_net_0_proj)/kernel$", -1), (r"/(to_out_0|ff_net_2)/kernel$", -2))
 
 TINY_UNET = dict(in_channels=9, out_channels=4, block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -109,7 +112,7 @@ def make_family(modules: Modules, tokenize, name: str = "sd15_inpaint") -> Famil
 
     return Family(name=name, prediction="epsilon", guidance="cfg", denoiser_key="unet", tokenize=tokenize,
                   encode_prompt=encode_prompt, prepare_condition=prepare_condition, denoise=denoise,
-                  encode_image=encode_image, decode=decode, latent_shape=latent_shape)
+                  encode_image=encode_image, decode=decode, latent_shape=latent_shape, tensor_rules=TENSOR_RULES)
 
 
 def clip_tokenize(tokenizer):
@@ -139,7 +142,6 @@ def modules_from_folder(model_dir: str, dtype="float32", remat: bool = False) ->
                          source=model_dir)
 
 
-@register("sd15_inpaint")
 def family_from_folder(model_dir: str, name: str = "sd15_inpaint", dtype="float32", remat: bool = False,
                        modules: Modules | None = None) -> Family:
     """The family described by a converted folder's configs and tokenizer (parameters not read)."""

@@ -1,0 +1,109 @@
+"""What a run trains: the whole denoiser, LoRA adapters on matching kernels, or a named subset.
+
+The trainer keeps two trees: the frozen `base` (the denoiser as loaded; empty
+for full fine-tuning) and the `trainable` tree that the optimizer, EMA and the
+old / reference copies hold. `merge(base, trainable)` gives the denoiser
+parameters the model runs with, inside the jitted programs, so only the
+trainable tree has optimizer state and gradients.
+
+LoRA (Hu et al., 2021) on a kernel W of shape (..., in, out): W + alpha / rank *
+A @ B with A (..., in, rank) drawn uniform(+-1/sqrt(in)) and B (..., rank, out)
+zero, so a fresh adapter leaves the model unchanged (the reference policy is the
+base without the adapter, at no extra memory). A leading axis is a scanned
+stack of layers, each with its own adapter.
+"""
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+Params = Any
+
+MODES = ("full", "lora", "subset")
+# diffusers' usual attention targets: to_q/k/v/out (SD1.5 names to_out_0), Flux's text-stream projections
+ATTENTION_PROJECTIONS = r"/(to_q|to_k|to_v|to_out|to_out_0|add_q_proj|add_k_proj|add_v_proj|to_add_out)/kernel$"
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    mode: str = "full"
+    pattern: str = ""  # regex searched in "/"-joined parameter paths: LoRA targets, or the trained subset
+    rank: int = 0
+    alpha: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def from_config(train) -> Trainable:
+    """The spec from config.train (trainable, trainable_pattern, lora_rank, lora_alpha), checked."""
+    mode = train.trainable
+    if mode not in MODES:
+        raise ValueError(f"config: train.trainable={mode!r}: expected one of {MODES}")
+    pattern = train.trainable_pattern or (ATTENTION_PROJECTIONS if mode == "lora" else "")
+    if mode == "subset" and not pattern:
+        raise ValueError("config: train.trainable='subset' needs train.trainable_pattern (a regex on parameter "
+                         "paths such as 'single_blocks/.*/proj_out')")
+    if mode == "lora" and train.lora_rank < 1:
+        raise ValueError(f"config: train.lora_rank={train.lora_rank}: expected >= 1")
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"config: train.trainable_pattern={pattern!r} is not a regex: {error}") from error
+    return Trainable(mode, pattern, train.lora_rank, float(train.lora_alpha))
+
+
+def _selected(spec: Trainable, params: Params) -> dict[tuple, Any]:
+    """The flat {path: leaf} the pattern selects; an error naming the pattern when it selects nothing."""
+    flat = traverse_util.flatten_dict(params)
+    chosen = {path: leaf for path, leaf in flat.items() if re.search(spec.pattern, "/" + "/".join(path))}
+    if not chosen:
+        examples = ", ".join("/".join(path) for path in list(flat)[:8])
+        raise ValueError(f"config: train.trainable_pattern={spec.pattern!r} matches no denoiser parameter; "
+                         f"paths look like: {examples}")
+    return chosen
+
+
+def init(spec: Trainable, params: Params, key: jax.Array) -> Params:
+    """The trainable tree for the loaded denoiser `params` (for 'full', `params` itself)."""
+    if spec.mode == "full":
+        return params
+    chosen = _selected(spec, params)
+    if spec.mode == "subset":  # copies: training donates its buffers, the base keeps its own
+        return traverse_util.unflatten_dict({path: jnp.array(leaf) for path, leaf in chosen.items()})
+    adapters = {}
+    for (path, kernel), leaf_key in zip(chosen.items(), jax.random.split(key, len(chosen))):
+        if kernel.ndim not in (2, 3):
+            raise ValueError(f"LoRA target {'/'.join(path)} has shape {kernel.shape}: expected a dense kernel "
+                             "(in, out), or a scanned stack (layers, in, out); narrow train.trainable_pattern")
+        *stack, fan_in, fan_out = kernel.shape
+        bound = 1.0 / fan_in ** 0.5
+        adapters[path + ("lora_a",)] = jax.random.uniform(leaf_key, (*stack, fan_in, spec.rank), jnp.float32,
+                                                          -bound, bound)
+        adapters[path + ("lora_b",)] = jnp.zeros((*stack, spec.rank, fan_out), jnp.float32)
+    return traverse_util.unflatten_dict(adapters)
+
+
+def frozen_base(spec: Trainable, params: Params) -> Params:
+    """What stays fixed and is passed next to the trainable tree (nothing for full fine-tuning)."""
+    return {} if spec.mode == "full" else params
+
+
+def merge(spec: Trainable, base: Params, trainable: Params) -> Params:
+    """The denoiser parameters the model runs with."""
+    if spec.mode == "full":
+        return trainable
+    flat = traverse_util.flatten_dict(base)
+    if spec.mode == "subset":
+        flat.update(traverse_util.flatten_dict(trainable))
+        return traverse_util.unflatten_dict(flat)
+    adapters = traverse_util.flatten_dict(trainable, is_leaf=lambda _, node: isinstance(node, dict) and "lora_a" in node)
+    for path, adapter in adapters.items():
+        kernel = flat[path]
+        delta = spec.scale * jnp.matmul(adapter["lora_a"], adapter["lora_b"], precision="highest")
+        flat[path] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+    return traverse_util.unflatten_dict(flat)
