@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.window_size = 0  # SDE window length in steps; 0 = every step is stochastic
     c.sample.window_max_start = 0  # window start drawn uniformly in [0, window_max_start] per rollout
     c.sample.images_per_prompt = 4  # --rl_num_images_per_prompt (group size k)
-    c.sample.prompts_per_batch = 2  # prompts per rollout batch
+    c.sample.prompts_per_batch = 2  # prompts per rollout batch on each host (the global batch is x hosts)
     c.sample.batches_per_epoch = 1  # --rl_num_batches_per_epoch
     c.sample.same_noise_per_group = False  # same initial noise for a group's k images
     c.sample.sd3_shift = 3.0  # flow schedule shift for families without resolution-dependent shift
@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.adam_b2 = 0.999
     c.train.weight_decay = 1e-4
     c.train.max_grad_norm = 1.0
-    c.train.minibatch_size = 4  # samples per update (--train_batch_size)
+    c.train.minibatch_size = 4  # samples per update micro-batch, over all hosts (--train_batch_size)
     c.train.gradient_accumulation_steps = 1  # --gradient_accumulation_steps
     c.train.inner_epochs = 1  # --rl_num_inner_epochs
     c.train.timestep_fraction = 1.0  # --rl_timestep_fraction
@@ -88,6 +88,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # batch split (-1: the devices left over by the other axes)
     c.mesh.fsdp = 1  # batch and every parameter / optimizer-state matrix split (ZeRO-3 style)
     c.mesh.tensor = 1  # the family's tensor-parallel layers split (parallel/partition.py)
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False  # one process per host: jax.distributed.initialize before anything else
+    c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = detected (SLURM, TPU, MPI, ...)
+    c.distributed.num_processes = -1  # -1 = detected
+    c.distributed.process_id = -1  # -1 = detected
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.interval = 5  # --checkpointing_steps (in epochs)

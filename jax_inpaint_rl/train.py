@@ -29,6 +29,8 @@ from jax_inpaint_rl.checkpoint.export import read_denoiser, write_export
 from jax_inpaint_rl.checkpoint.manager import Checkpointer
 from jax_inpaint_rl.diffusion import rollout as rollout_lib
 from jax_inpaint_rl.diffusion.steps import STEP_FUNCTIONS, Sampler
+from jax.experimental import multihost_utils
+
 from jax_inpaint_rl.parallel import mesh as mesh_lib
 from jax_inpaint_rl.parallel import partition
 from jax_inpaint_rl.rewards.calculator import RewardCalculator
@@ -52,7 +54,8 @@ def validate(config) -> None:
     ]
     rl = config.train.use_rl and config.train.method != "sft"
     if rl:
-        batch = config.sample.prompts_per_batch * config.sample.images_per_prompt * config.sample.batches_per_epoch
+        batch = (config.sample.prompts_per_batch * jax.process_count() * config.sample.images_per_prompt
+                 * config.sample.batches_per_epoch)
         checks.append((config.sample.images_per_prompt >= 2,
                        "sample.images_per_prompt must be >= 2 for group-relative RL"))
         checks.append((batch % config.train.minibatch_size == 0 or config.train.method == "dpo",
@@ -95,6 +98,28 @@ def _repeat(batch: dict, times: int) -> dict:
         return np.repeat(value, times, axis=0)
 
     return {name: repeat(value) for name, value in batch.items()}
+
+
+def _global_rows(leaf) -> int:
+    """Rows of the global batch: device arrays are global, host arrays one host's share."""
+    rows = np.shape(leaf)[0]
+    return rows if isinstance(leaf, jax.Array) else rows * jax.process_count()
+
+
+def host_rows(array) -> np.ndarray:
+    """This host's rows of a batch-sharded global array, in order (every row on a single host)."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    blocks = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
+    return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])
+
+
+def all_hosts(local: np.ndarray) -> np.ndarray:
+    """Every host's rows of a per-sample host array, host-major (the global batch order)."""
+    if jax.process_count() == 1:
+        return np.asarray(local)
+    gathered = multihost_utils.process_allgather(np.asarray(local))
+    return gathered.reshape(-1, *gathered.shape[2:])
 
 
 def _take(tree, index):
@@ -215,14 +240,28 @@ class Run:
         return jax.device_put(tree, partition.tree_shardings(tree, self.mesh, self.family.tensor_rules))
 
     def _shard(self, tree):
-        """Per-sample arrays split over the data axes; anything else (e.g. the (T,) window) replicated, and so is
-        a batch the data-parallel size does not divide (training sizes are checked at start-up; an eval set may
-        be any size)."""
+        """Per-sample arrays split over the data axes, anything else (e.g. the (T,) window) replicated.
+
+        Host (NumPy) arrays are this host's rows of the global batch (each host
+        reads its own shard); device arrays are already global. A batch that the
+        data-parallel size does not divide (an eval set may be any size) is
+        replicated on a single host; training sizes are checked at start-up."""
         leaves = jax.tree.leaves(tree)
-        batch = max(np.shape(leaf)[0] for leaf in leaves if np.ndim(leaf))
-        per_sample = self.sharded if batch % mesh_lib.data_parallel_size(self.mesh) == 0 else self.replicated
-        return jax.tree.map(lambda a: jax.device_put(a, per_sample if np.ndim(a) and np.shape(a)[0] == batch
-                                                     else self.replicated), tree)
+        batch = max(_global_rows(leaf) for leaf in leaves if np.ndim(leaf))
+        divides = batch % mesh_lib.data_parallel_size(self.mesh) == 0
+        if not divides and jax.process_count() > 1:
+            raise ValueError(f"a batch of {batch} rows does not split over {mesh_lib.data_parallel_size(self.mesh)} "
+                             "data-parallel devices; with several hosts every batch (eval included) must")
+        per_sample = self.sharded if divides else self.replicated
+
+        def place(a):
+            if not (np.ndim(a) and _global_rows(a) == batch):
+                return jax.device_put(a, self.replicated)
+            if isinstance(a, jax.Array):
+                return jax.device_put(a, per_sample)
+            return jax.make_array_from_process_local_data(per_sample, np.asarray(a))
+
+        return jax.tree.map(place, tree)
 
     # ---------- data -> conditioning ----------
 
@@ -245,7 +284,7 @@ class Run:
     def _sft_micro_step(self, apply: bool) -> dict:
         batch = next(self.train_loader)
         cond, _, _ = self._condition(batch)
-        x0 = self.encode_image(self.frozen_params, jnp.asarray(batch["target"], jnp.float32))
+        x0 = self.encode_image(self.frozen_params, self._shard(np.asarray(batch["target"], np.float32)))
         train_batch = {"x0": x0, "cond": cond}
         image_cond = cond["positive"] if "positive" in cond else cond
         if "mask" in image_cond and jnp.ndim(image_cond["mask"]) == x0.ndim:
@@ -273,10 +312,11 @@ class Run:
             batch = _repeat(next(self.train_loader), s.images_per_prompt)
             cond, image, mask = self._condition(batch)
             self.state, (noise_key, sde_key) = _split(self.state)
-            x_init = rollout_lib.initial_noise(noise_key, s.prompts_per_batch, s.images_per_prompt,
-                                               self.latent_shape, s.same_noise_per_group)
+            x_init = rollout_lib.initial_noise(noise_key, s.prompts_per_batch * jax.process_count(),
+                                               s.images_per_prompt, self.latent_shape, s.same_noise_per_group)
             trajectory = self.sample(self.denoiser_base, sampling_params, cond, self._shard(x_init), sde_key, window)
-            images = report.to_uint8(self.decode(self.frozen_params, trajectory.latents[:, -1], image, mask))
+            images = report.to_uint8(host_rows(self.decode(self.frozen_params, trajectory.latents[:, -1], image,
+                                                           mask)))
             # scored in a worker thread while the next batch is rolled out
             pending.append(self.rewards.submit(images, batch["prompt"], _reward_meta(batch)))
             pieces.append({"trajectory": trajectory, "cond": cond})
@@ -284,8 +324,8 @@ class Run:
         wait_start = time.time()
         scores = [future.result() for future in pending]
         self.reward_wait_s = time.time() - wait_start
-        parts = {name: np.concatenate([score[name] for score in scores]) for name in scores[0]}
-        valid = np.concatenate(loader_valid) & (parts.pop("valid") > 0)
+        parts = {name: np.concatenate([all_hosts(score[name]) for score in scores]) for name in scores[0]}
+        valid = np.concatenate([all_hosts(v) for v in loader_valid]) & (parts.pop("valid") > 0)
         rewards = np.where(valid, parts.pop("score"), 0.0).astype(np.float32)
         return _concat(pieces), {"rewards": rewards, "valid": valid, "parts": parts, "window": window}
 
@@ -293,7 +333,7 @@ class Run:
         s, t, a = self.config.sample, self.config.train, self.config.advantage
         collected, scored = self.collect()
         trajectory, cond = collected["trajectory"], collected["cond"]
-        num_groups = s.prompts_per_batch * s.batches_per_epoch
+        num_groups = s.prompts_per_batch * jax.process_count() * s.batches_per_epoch
         group_ids = adv_lib.group_ids_for(num_groups, s.images_per_prompt)
         adv = adv_lib.group_advantages(jnp.asarray(scored["rewards"]), group_ids, num_groups,
                                        baseline="group" if a.per_prompt_stat_tracking else "batch", std=a.std,
@@ -324,7 +364,7 @@ class Run:
         per_update = []
         for inner in range(t.inner_epochs):
             self.state, (perm_key, step_key) = _split(self.state)
-            perm = jax.random.permutation(perm_key, batch_size)
+            perm = np.asarray(jax.random.permutation(perm_key, batch_size))
             step_index = grpo.train_step_indices(step_key, batch_size, train_window, t.timestep_fraction,
                                                  t.timestep_mode)
             starts = range(0, batch_size, t.minibatch_size)
@@ -354,7 +394,7 @@ class Run:
         per_update = []
         for _ in range(t.inner_epochs):
             self.state, (perm_key,) = _split(self.state, 1)
-            perm = jax.random.permutation(perm_key, num_groups)
+            perm = np.asarray(jax.random.permutation(perm_key, num_groups))
             starts = range(0, num_groups, t.minibatch_size)
             for number, start in enumerate(starts):
                 pairs = perm[start:start + t.minibatch_size]
@@ -377,13 +417,15 @@ class Run:
         for index in range(self.eval_loader.steps_per_epoch):
             batch = self.eval_loader.batch_at(0, index)
             cond, image, mask = self._condition(batch)
-            x_init = jax.random.normal(jax.random.key(self.config.seed + 7919), (len(batch["prompt"]),
-                                                                                 *self.latent_shape))
-            trajectory = self.sample_eval(self.denoiser_base, params, cond, x_init, jax.random.key(0), window)
-            images = report.to_uint8(self.decode(self.frozen_params, trajectory.latents[:, -1], image, mask))
+            x_init = jax.random.normal(jax.random.key(self.config.seed + 7919),
+                                       (len(batch["prompt"]) * jax.process_count(), *self.latent_shape))
+            trajectory = self.sample_eval(self.denoiser_base, params, cond, self._shard(x_init), jax.random.key(0),
+                                          window)
+            images = report.to_uint8(host_rows(self.decode(self.frozen_params, trajectory.latents[:, -1], image,
+                                                           mask)))
             result = self.rewards(images, batch["prompt"], _reward_meta(batch))
             valid = np.asarray(batch.get("valid", np.ones(len(images), bool))) & (result["valid"] > 0)
-            scores.append(result["score"][valid])
+            scores.append(all_hosts(result["score"])[all_hosts(valid)])
             for i in range(len(images)):
                 if len(grid_rows) < self.config.eval.num_grid:
                     grid_rows.append([report.to_uint8(batch["image"][i]), report.to_uint8(batch["mask"][i] * 2 - 1),
@@ -411,7 +453,7 @@ class Run:
         self.resumed_from = step
         self.epoch, self.history = meta["epoch"], meta["history"]
         self.train_loader.restore(meta["train_loader"])
-        logging.info("resumed from %s step %d (epoch %d)", self.checkpointer.directory, step, self.epoch)
+        logging.warning("resumed from %s step %d (epoch %d)", self.checkpointer.directory, step, self.epoch)
         return True
 
     # ---------- the loop ----------
@@ -432,11 +474,12 @@ class Run:
                               total=c.train.num_epochs):
                 self.epoch = epoch
                 start = time.time()
-                record = self.rl_epoch() if rl else _mean_metrics([self.sft_step() for _ in range(c.sample.batches_per_epoch)])
+                record = self.rl_epoch() if rl else _mean_metrics([self.sft_step()
+                                                                   for _ in range(c.sample.batches_per_epoch)])
                 record["epoch_time_s"] = time.time() - start
                 if rl:
-                    record["images_per_s"] = c.sample.prompts_per_batch * c.sample.images_per_prompt * \
-                        c.sample.batches_per_epoch / record["epoch_time_s"]
+                    images = c.sample.prompts_per_batch * jax.process_count() * c.sample.images_per_prompt
+                    record["images_per_s"] = images * c.sample.batches_per_epoch / record["epoch_time_s"]
                 record["learning_rate"] = c.train.learning_rate
                 record["skipped_updates"] = int(self.state["skipped"])
                 self.epoch = epoch + 1
@@ -509,10 +552,11 @@ class Run:
 
 
 def _check_divisible(config, data_parallel: int) -> None:
-    """Every sharded batch must split evenly over the data-parallel devices."""
+    """Every sharded batch must split evenly over the data-parallel devices (prompts_per_batch is per host)."""
     s = config.sample
     sizes = {"train.minibatch_size": config.train.minibatch_size,
-             "sample.prompts_per_batch * sample.images_per_prompt": s.prompts_per_batch * s.images_per_prompt}
+             "sample.prompts_per_batch * hosts * sample.images_per_prompt":
+                 s.prompts_per_batch * jax.process_count() * s.images_per_prompt}
     for name, size in sizes.items():
         if size % data_parallel:
             raise ValueError(f"config: {name}={size} must be a multiple of the {data_parallel} data-parallel devices")
@@ -543,6 +587,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. con
 
 def main(argv) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # progress is tqdm; orbax logs every save at INFO
+    mesh_lib.initialize_distributed(_CONFIG.value.distributed)
     summary = Run(_CONFIG.value).fit()
     print(json.dumps(summary, indent=2))
 

@@ -5,6 +5,7 @@ The batch axis is split over every data-parallel mesh axis ('data' and 'fsdp');
 the axis sizes change.
 """
 import math
+import os
 from typing import Mapping
 
 import jax
@@ -13,6 +14,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+
+
+def initialize_distributed(distributed) -> None:
+    """Join the multi-process run described by config.distributed (once per process, before any device use).
+
+    Unset fields (-1 / "") are detected by JAX from the cluster environment. On
+    CPU, cross-process collectives go through gloo.
+    """
+    if not distributed.enabled:
+        return
+    if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    given = {"coordinator_address": distributed.coordinator_address or None,
+             "num_processes": None if distributed.num_processes < 0 else distributed.num_processes,
+             "process_id": None if distributed.process_id < 0 else distributed.process_id}
+    jax.distributed.initialize(**given)
 
 
 def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
