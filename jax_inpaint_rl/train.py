@@ -73,7 +73,7 @@ def initial_state(trainable, optimizer, config, key) -> dict[str, Any]:
     state = {"params": trainable, "opt_state": optimizer.init(trainable),
              "grad_sum": jax.tree.map(jnp.zeros_like, trainable), "grad_count": jnp.zeros((), jnp.int32),
              "step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32),
-             "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(key)}
+             "skipped": jnp.zeros((), jnp.int32), "rng": jnp.array(jax.random.key_data(key))}  # own buffer: donated
     if config.ema.enabled:
         state["ema"] = copy(trainable)
     if rl and method == "nft":

@@ -1,0 +1,74 @@
+"""Smoke test of the benchmark harness (tools/bench/rl_step.py): one tiny SD1.5 run writes a complete record.
+
+No timing is asserted: the numbers only have to exist, be finite and positive.
+"""
+import json
+import math
+
+import pytest
+import torch
+
+from tools.bench import rl_step
+
+MEASURED = ("params", "ours", "torch_eager", "speedup", "peak_matmul", "mfu")
+
+
+def numbers(tree, path=""):
+    """(path, value) of every int / float leaf (bools are flags, not measurements)."""
+    if isinstance(tree, dict):
+        return [item for key, value in tree.items() for item in numbers(value, f"{path}/{key}")]
+    if isinstance(tree, list):
+        return [item for index, value in enumerate(tree) for item in numbers(value, f"{path}/{index}")]
+    return [(path, tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Eager torch with several OpenMP threads stalls for seconds on a CPU shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_sd15_run_appends_a_complete_record(tmp_path, one_torch_thread):
+    out = tmp_path / "results.jsonl"
+    returned = rl_step.main(["--family", "sd15_inpaint", "--size", "tiny", "--steps", "2", "--batch", "2",
+                             "--repeats", "1", "--no-torch-compile", "--out", str(out)])
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record == json.loads(json.dumps(returned))
+    assert set(record) == {"date", "device", "versions", "config", "params", "ours", "torch_eager", "torch_compiled",
+                           "speedup", "peak_matmul", "mfu"}
+    assert {"jax", "torch", "diffusers"} <= set(record["versions"])
+    assert record["config"] | {"steps": 2, "batch": 2, "repeats": 1, "torch_compile": False} == record["config"]
+    assert record["params"]["ours"] == record["params"]["torch"]  # the same denoiser config on both sides
+    for side in ("ours", "torch_eager"):
+        assert {"median_s", "first_call_s", "images_per_s"} <= set(record[side]["rollout"])
+        assert {"median_s", "first_call_s"} <= set(record[side]["update_grpo"])
+        assert "skipped" in record[side]["update_nft"]  # DiffusionNFT needs a velocity family
+        assert {"bytes", "source"} == set(record[side]["memory"])
+    assert {"compile_s", "flops", "flops_xla", "flops_counted", "flops_source"} <= set(record["ours"]["update_grpo"])
+    assert record["torch_compiled"] is None and record["speedup"]["vs_compiled"] is None
+    assert record["speedup"]["vs_eager"]["update_nft"] is None
+    found = dict(numbers({key: record[key] for key in MEASURED}))
+    for key in ("/speedup/vs_eager/rollout", "/speedup/vs_eager/update_grpo", "/mfu/update_grpo",
+                "/peak_matmul/flops_per_s", "/ours/rollout/images_per_s", "/ours/update_grpo/flops"):
+        assert key in found
+    bad = {path: value for path, value in found.items() if not (math.isfinite(value) and value > 0)}
+    assert not bad
+    assert "rollout images/s" in rl_step.format_table(record)
+
+
+def test_resolution_off_the_latent_grid_is_named():
+    with pytest.raises(SystemExit, match="--resolution=30"):
+        rl_step.main(["--family", "sd15_inpaint", "--size", "tiny", "--resolution", "30"])
+
+
+@pytest.mark.parametrize("flags, named", [(["--steps", "0"], "--steps=0"), (["--batch", "-1"], "--batch=-1"),
+                                          (["--dtype", "float16"], "float16"), (["--family", "sd3"], "sd3")])
+def test_bad_flags_name_the_value(flags, named, capsys):
+    with pytest.raises(SystemExit):
+        rl_step.parse_args(["--family", "sd15_inpaint", "--size", "tiny", *flags])
+    assert named in capsys.readouterr().err
