@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "flux-fill": "tools.convert_weights.flux",
     "flux-kontext": "tools.convert_weights.flux",
     "flux-dev": "tools.convert_weights.flux",
+    "export-flux": "tools.convert_weights.flux_export",
 }
 
 

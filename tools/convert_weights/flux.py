@@ -17,8 +17,10 @@ Output folder:
   transformer/, vae/, text_encoder/, text_encoder_2/   config.json of each source component
   tokenizer/, tokenizer_2/, scheduler/                  copied from the source
   <family>.json                      {"family", "dtype", "source"}
-`--verify` re-reads every source tensor and checks the written one equals it (after the dtype cast);
-numerical parity of the models is proven by tests/test_flux_*.py.
+`--verify` re-reads every source tensor and checks the written one equals it (after the dtype cast), then
+runs each component in torch and in Flax on the same seeded inputs (the transformer and T5 one block at a
+time; see flux_verify.py) and fails when an output's relative error exceeds --tolerance (1e-4).
+`python -m tools.convert_weights export-flux` (flux_export.py) writes the transformer back to diffusers.
 
 Memory: the 12B transformer converts one tensor at a time. Source tensors are read with plain file
 reads (no mmap, so nothing lingers in the resident set), transformed, and written straight into their
@@ -27,6 +29,7 @@ per-layer torch tensors land in their row of the stacked (scanned) Flax arrays. 
 copies of the largest single tensor. `export_transformer` streams the other way, to diffusers' layout.
 """
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -341,16 +344,41 @@ def _write_json(path: str, data: Mapping) -> None:
         json.dump(dict(data), f, indent=2, sort_keys=True)
 
 
+def keep_names(tensors: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    return tensors
+
+
+def without_ignored(tensors: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    """Drop the buffers some CLIP checkpoints store (position ids): they are not parameters."""
+    from tools.convert_weights.components import is_ignored
+
+    return ((k, v) for k, v in tensors if not is_ignored(k))
+
+
+def t5_names(tensors: Iterator[tuple[str, np.ndarray]], tied: str | None) -> Iterator[tuple[str, np.ndarray]]:
+    """Drop the tied embedding copy when shared.weight is stored (`tied`), else read the copy as shared.weight."""
+    return ((k if k != T5_TIED else "shared.weight", v) for k, v in tensors if k != tied)
+
+
 @dataclasses.dataclass(frozen=True)
 class Component:
-    """One model of the pipeline: its config, a fresh stream of source tensors, and where they go."""
+    """One model of the pipeline: its config, its source files, and where their tensors go.
+
+    `rename` turns the files' (key, array) stream into torch state-dict names (diffusers / transformers);
+    it works tensor by tensor, so the model check can read one block's tensors through it.
+    """
     source: str
     config: dict
-    tensors: Callable[[], Iterator[tuple[str, np.ndarray]]]
+    files: tuple[str, ...]
     rules: list[Rule]
     shapes: dict[str, tuple[int, ...]]  # Flax path -> shape (stacked)
     stacks: tuple[str, ...] = ()
     layout: str = "diffusers"
+    rename: Callable[[Iterator[tuple[str, np.ndarray]]], Iterator[tuple[str, np.ndarray]]] = keep_names
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """A fresh stream of (torch name, array) over every source tensor."""
+        return self.rename(iter_files(list(self.files)))
 
 
 def transformer_component(src: str, axes_dims_rope=None) -> Component:
@@ -359,17 +387,17 @@ def transformer_component(src: str, axes_dims_rope=None) -> Component:
 
     if os.path.isdir(src):
         config = read_json(os.path.join(src, "config.json"))
-        files = safetensors_files(src, "transformer")
-        tensors, layout = (lambda: iter_files(files)), "diffusers"
+        files, rename, layout = tuple(safetensors_files(src, "transformer")), keep_names, "diffusers"
     elif os.path.isfile(src):
         config = config_from_original(src, axes_dims_rope)
         inner = config["num_attention_heads"] * config["attention_head_dim"]
-        tensors, layout = (lambda: original_to_diffusers(iter_tensors(src), inner)), "original"
+        files, layout = (src,), "original"
+        rename = functools.partial(original_to_diffusers, inner_dim=inner)
     else:
         raise FileNotFoundError(f"{src}: transformer checkpoint not found (expected a diffusers folder or an "
                                 "original single .safetensors file)")
     shapes = shapes_of(flux_transformer.param_shapes(flux_transformer.FluxConfig.from_diffusers(config, src)))
-    return Component(src, config, tensors, TRANSFORMER_RULES, shapes, TRANSFORMER_STACKS, layout)
+    return Component(src, config, files, TRANSFORMER_RULES, shapes, TRANSFORMER_STACKS, layout, rename)
 
 
 def t5_component(src: str) -> Component:
@@ -377,13 +405,11 @@ def t5_component(src: str) -> Component:
     from jax_inpaint_rl.models import t5
 
     config = read_json(os.path.join(src, "config.json"))
-    files = safetensors_files(src, "T5 encoder")
+    files = tuple(safetensors_files(src, "T5 encoder"))
     keys = {k for path in files for k in read_header(path)[0]}
-    tied = T5_TIED if "shared.weight" in keys else None
-    tensors = lambda: ((k if k != T5_TIED else "shared.weight", v)  # noqa: E731
-                       for k, v in iter_files(files) if k != tied)
+    rename = functools.partial(t5_names, tied=T5_TIED if "shared.weight" in keys else None)
     shapes = shapes_of(t5.param_shapes(t5.T5Config.from_transformers(config, src)))
-    return Component(src, config, tensors, T5_RULES, shapes, T5_STACKS)
+    return Component(src, config, files, T5_RULES, shapes, T5_STACKS, rename=rename)
 
 
 def vae_component(src: str) -> Component:
@@ -396,8 +422,7 @@ def vae_component(src: str) -> Component:
     config = read_json(os.path.join(src, "config.json"))
     model = vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_diffusers(config, src))
     shapes = shapes_of(jax.eval_shape(lambda: vae_lib.init_params(model, jax.random.key(0))))
-    files = safetensors_files(src, "VAE")
-    return Component(src, config, lambda: iter_files(files), vae_rules(), shapes)
+    return Component(src, config, tuple(safetensors_files(src, "VAE")), vae_rules(), shapes)
 
 
 def clip_component(src: str) -> Component:
@@ -405,14 +430,13 @@ def clip_component(src: str) -> Component:
     import jax
 
     from jax_inpaint_rl.models import clip_text
-    from tools.convert_weights.components import clip_text_rules, is_ignored
+    from tools.convert_weights.components import clip_text_rules
 
     config = read_json(os.path.join(src, "config.json"))
     model = clip_text.CLIPTextTransformer(clip_text.CLIPTextConfig.from_transformers(config, src))
     shapes = shapes_of(jax.eval_shape(lambda: clip_text.init_params(model, jax.random.key(0))))
-    files = safetensors_files(src, "CLIP text encoder")
-    tensors = lambda: ((k, v) for k, v in iter_files(files) if not is_ignored(k))  # noqa: E731
-    return Component(src, config, tensors, clip_text_rules(), shapes)
+    files = tuple(safetensors_files(src, "CLIP text encoder"))
+    return Component(src, config, files, clip_text_rules(), shapes, rename=without_ignored)
 
 
 def params_file(dst: str, name: str) -> str:
@@ -482,24 +506,50 @@ def diffusers_transformer_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
 def export_transformer(folder: str, dst: str, dtype: str | None = None) -> None:
     """The transformer of a converted folder -> a diffusers transformer folder (config.json +
     diffusion_pytorch_model.safetensors), streamed one tensor at a time."""
+    path = params_file(folder, "transformer")
+    read, header = read_rows(path)
+    prefix = "transformer/"
+    foreign = sorted(k for k in header if not k.startswith(prefix))
+    if foreign:
+        raise common.ConversionError(f"{path}: keys outside '{prefix}': {foreign}")
+    leaves = {k.removeprefix(prefix): (tuple(v["shape"]), np.dtype(DTYPES[v["dtype"]])) for k, v in header.items()}
     config = read_json(os.path.join(folder, "transformer", "config.json"))
-    read, header = read_rows(params_file(folder, "transformer"))
+    write_diffusers_transformer(config, leaves, lambda key, index: read(prefix + key, index), dst, dtype, path)
+
+
+def write_diffusers_transformer(config: Mapping, leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                                read: Callable[[str, int | None], np.ndarray], dst: str, dtype: str | None,
+                                source: str) -> None:
+    """Flax transformer params -> dst/config.json + dst/diffusion_pytorch_model.safetensors (diffusers' names).
+
+    `leaves` is {flax path: (shape, dtype)} of the stored (stacked) params and `read(path, layer)` one layer
+    of one of them (layer None: the whole array). Shapes and names are checked against the config before
+    anything is written; leaves are visited one at a time, each layer written into its slot, so a reader that
+    loads a whole leaf (orbax) keeps one leaf in memory. `dtype` None keeps the stored dtype (float32 when the
+    leaves mix dtypes).
+    """
+    from jax_inpaint_rl.models import flux_transformer
+
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(OUTPUT_DTYPES)}")
     torch_shapes = diffusers_transformer_shapes(config)
     mapping, unknown = common.map_keys(TRANSFORMER_RULES, torch_shapes)
     if unknown:
         raise common.ConversionError(f"export: diffusers keys without a rule: {unknown}")
-    stored = {k: DTYPES[v["dtype"]] for k, v in header.items()}
-    out_dtype = OUTPUT_DTYPES[dtype] if dtype else next(iter(stored.values()))
+    expected = shapes_of(flux_transformer.param_shapes(flux_transformer.FluxConfig.from_diffusers(config, source)))
+    _check_leaves(source, leaves, expected)
+    by_leaf: dict[str, list[tuple[int | None, str, Rule]]] = {}
+    for torch_key, (flax_path, rule) in mapping.items():
+        key, index = split_layer(flax_path, TRANSFORMER_STACKS)
+        by_leaf.setdefault(key, []).append((index, torch_key, rule))
+    stored = {np.dtype(d) for _, d in leaves.values()}
+    out_dtype = OUTPUT_DTYPES[dtype] if dtype else (stored.pop() if len(stored) == 1 else np.float32)
     writer = TensorFileWriter(os.path.join(dst, "diffusion_pytorch_model.safetensors"), torch_shapes, out_dtype,
                               {"format": "pt"})
     try:
-        for torch_key, (flax_path, rule) in mapping.items():
-            key, index = split_layer(flax_path, TRANSFORMER_STACKS)
-            key = f"transformer/{key}"
-            if key not in header:
-                raise common.ConversionError(f"{params_file(folder, 'transformer')}: {key} (for {torch_key}) "
-                                             "is missing")
-            writer.write(torch_key, common.INVERSE[rule.transform](read(key, index)))
+        for key in sorted(by_leaf):
+            for index, torch_key, rule in by_leaf[key]:
+                writer.write(torch_key, common.INVERSE[rule.transform](read(key, index)))
         writer.close()
     except BaseException:
         writer.abort()
@@ -507,9 +557,24 @@ def export_transformer(folder: str, dst: str, dtype: str | None = None) -> None:
     _write_json(os.path.join(dst, "config.json"), config)
 
 
+def _check_leaves(source: str, leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                  expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Every expected transformer leaf stored with its shape, and nothing else; all problems in one error."""
+    missing = sorted(set(expected) - set(leaves))
+    extra = sorted(set(leaves) - set(expected))
+    misshaped = sorted(f"{k}: got {tuple(leaves[k][0])}, expected {tuple(expected[k])}"
+                       for k in set(leaves) & set(expected) if tuple(leaves[k][0]) != tuple(expected[k]))
+    if missing or extra or misshaped:
+        problems = [f"{title}: {items}" for title, items in (("missing", missing), ("not in the config's model", extra),
+                                                            ("wrong shapes", misshaped)) if items]
+        raise common.ConversionError(f"{source}: transformer params do not match its config.json; "
+                                     + "; ".join(problems))
+
+
 # --- the whole pipeline folder ----------------------------------------------------------------------
 
 COPIED = ("tokenizer", "tokenizer_2", "scheduler")
+VERIFY_TOLERANCE = 1e-4  # max |flax - torch| / max |torch| of any output in the model check (float32)
 
 
 def pipeline_components(src: str, transformer: str | None = None, axes_dims_rope=None) -> dict[str, Component]:
@@ -526,12 +591,12 @@ def pipeline_components(src: str, transformer: str | None = None, axes_dims_rope
 
 
 def convert_pipeline(variant: str, src: str, dst: str, dtype: str = "float32", transformer: str | None = None,
-                     axes_dims_rope=None, verify: bool = False) -> None:
+                     axes_dims_rope=None, verify: bool = False, tolerance: float = VERIFY_TOLERANCE) -> None:
     """A diffusers Flux pipeline folder -> the folder `jax_inpaint_rl.models.flux.load` reads.
 
-    A single original .safetensors file as `src` converts only the transformer (into dst/transformer)."""
-    import shutil
-
+    A single original .safetensors file as `src` converts only the transformer (into dst/transformer).
+    `verify`: the tensor check per component, then the model check (`flux_verify`) of every converted
+    component, which raises `VerificationError` when a relative error exceeds `tolerance`."""
     from jax_inpaint_rl.models import flux as flux_family
 
     name = variant.replace("-", "_")
@@ -546,8 +611,20 @@ def convert_pipeline(variant: str, src: str, dst: str, dtype: str = "float32", t
         if verify:
             count = verify_component(component, dst, folder)
             print(f"verified {folder}: {count} tensors equal their source")
-    if os.path.isfile(src):
-        return
+    if not os.path.isfile(src):
+        finish_pipeline_folder(src, dst, name, dtype)
+    if verify:
+        from tools.convert_weights import flux_verify
+
+        flux_verify.check_models(components, dst, tolerance)
+
+
+def finish_pipeline_folder(src: str, dst: str, name: str, dtype: str) -> None:
+    """Copy the tokenizers and scheduler, write <family>.json, and check the components fit the variant."""
+    import shutil
+
+    from jax_inpaint_rl.models import flux as flux_family
+
     for folder in COPIED:
         if not os.path.isdir(os.path.join(src, folder)):
             raise FileNotFoundError(f"{src}: pipeline folder has no {folder}/")
@@ -570,12 +647,16 @@ def add_arguments(parser) -> None:
                         "original single file instead of SRC/transformer")
     parser.add_argument("--dtype", default="float32", choices=sorted(OUTPUT_DTYPES), help="stored parameter dtype")
     parser.add_argument("--verify", action="store_true", help="re-read every source tensor and check the "
-                        "written one equals it")
+                        "written one equals it, then run torch and Flax on the same inputs per component (the "
+                        "transformer and T5 block by block) and fail above --tolerance")
+    parser.add_argument("--tolerance", type=float, default=VERIFY_TOLERANCE, help="--verify fails when max "
+                        "|diff| / max |torch output| of any output exceeds this (float32 compute)")
 
 
 def run(args) -> None:
     """`args.command` is the subcommand: flux-fill, flux-kontext or flux-dev."""
-    convert_pipeline(args.command, args.src, args.dst, args.dtype, args.transformer, verify=args.verify)
+    convert_pipeline(args.command, args.src, args.dst, args.dtype, args.transformer, verify=args.verify,
+                     tolerance=args.tolerance)
     print(f"wrote {args.dst}")
 
 
