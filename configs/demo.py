@@ -23,14 +23,15 @@ def get_config():
     c.sample.guidance_scale = 2.0
     c.sample.images_per_prompt = 8
     c.sample.prompts_per_batch = 4
+    c.sample.batches_per_epoch = 2
     c.train.method = "grpo"
     c.train.autoencoder_steps = 400
     c.train.warmup_steps = 300
     c.train.num_epochs = 40
     c.train.learning_rate = 1e-3
     c.train.minibatch_size = 16
-    c.train.timestep_fraction = 0.5
-    c.train.clip_range = 1e-3
+    c.train.timestep_fraction = 1.0
+    c.train.clip_range = 1e-2
     c.eval.interval = 10
     c.checkpoint.interval = 10
     c.reward.specs = {"reference_similarity": {"weight": 1.0}}
