@@ -150,7 +150,7 @@ class Run:
         self.family, self.train_loader, self.eval_loader = family, train_loader, eval_loader
         self.rewards = build_reward(config) if reward_fn is None else RewardCalculator({"custom": reward_fn},
                                                                                           {"custom": 1.0})
-        self.reward_wait_s = 0.0
+        self.reward_wait_s = self.reward_compute_s = 0.0  # scoring time waited for / spent (overlap saves the rest)
         self.mesh = mesh_lib.make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp,
                                         "tensor": config.mesh.tensor})
         self.replicated, self.sharded = mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)
@@ -305,6 +305,7 @@ class Run:
         s, family = self.config.sample, self.family
         sampling_params = self.state["old"] if self.config.train.method == "nft" else self.state["params"]
         pieces, pending, loader_valid = [], [], []
+        self.rewards.take_busy_seconds()  # count this epoch's scoring only
         self.state, (window_key,) = _split(self.state, 1)
         window = self._window(window_key)
         for _ in tqdm(range(s.batches_per_epoch), desc=f"epoch {self.epoch} rollout", leave=False,
@@ -324,6 +325,7 @@ class Run:
         wait_start = time.time()
         scores = [future.result() for future in pending]
         self.reward_wait_s = time.time() - wait_start
+        self.reward_compute_s = self.rewards.take_busy_seconds()
         parts = {name: np.concatenate([all_hosts(score[name]) for score in scores]) for name in scores[0]}
         valid = np.concatenate([all_hosts(v) for v in loader_valid]) & (parts.pop("valid") > 0)
         rewards = np.where(valid, parts.pop("score"), 0.0).astype(np.float32)
@@ -341,7 +343,8 @@ class Run:
                                        drop_zero_signal=a.drop_zero_signal)
         kept_rewards = scored["rewards"][scored["valid"]]
         record = {"reward_mean": kept_rewards.mean(), "reward_std": kept_rewards.std(),
-                  "reward_wait_s": self.reward_wait_s, "invalid_samples": int((~scored["valid"]).sum()),
+                  "reward_wait_s": self.reward_wait_s, "reward_compute_s": self.reward_compute_s,
+                  "invalid_samples": int((~scored["valid"]).sum()),
                   "advantage_abs_mean": float(jnp.abs(adv.advantages).mean()),
                   "kept_fraction": float(adv.keep.mean())}
         for name, values in scored["parts"].items():

@@ -92,3 +92,17 @@ def test_build_from_config_with_registered_reward():
         get_reward("no_such_reward")
     with pytest.raises(ValueError, match="already registered"):
         register("ocr")(make_brightness)
+
+
+def test_busy_seconds_count_background_scoring_and_reset():
+    def slow(images, prompts, meta):
+        time.sleep(0.05)
+        return {"score": np.ones(len(images), np.float32)}
+
+    calc = RewardCalculator({"slow": slow}, {"slow": 1.0})
+    futures = [calc.submit(IMAGES, PROMPTS, {}) for _ in range(2)]
+    for future in futures:
+        future.result()
+    assert calc.take_busy_seconds() >= 0.1  # both batches, scored in worker threads
+    assert calc.take_busy_seconds() == 0.0
+    calc.close()

@@ -15,6 +15,8 @@ rewards in drop mode mark dropped groups 0 and their total is NaN). All rewards 
 one batch run concurrently; a reward that raises makes `result()` raise.
 """
 import concurrent.futures
+import threading
+import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -54,14 +56,25 @@ class RewardCalculator:
         self._parts = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_pending * len(rewards), thread_name_prefix="reward-part"
         )
+        self._busy_s, self._busy_lock = 0.0, threading.Lock()
 
     def __call__(self, images: Any, prompts: Sequence[str], meta: Meta) -> Scores:
         """Score one batch now (rewards in parallel), in this thread."""
+        start = time.perf_counter()
         images = _to_host(images)
         meta = {field: _to_host(value) for field, value in meta.items()}
         jobs = {name: self._parts.submit(reward, images, list(prompts), meta) for name, reward in self.rewards.items()}
         parts = {name: check_scores(job.result(), len(images), name) for name, job in jobs.items()}
+        with self._busy_lock:
+            self._busy_s += time.perf_counter() - start
         return combine(parts, self.weights, len(images))
+
+    def take_busy_seconds(self) -> float:
+        """Seconds spent scoring since the last call: set against the time the trainer waited for the
+        results, it says how much the overlap with sampling saved."""
+        with self._busy_lock:
+            busy, self._busy_s = self._busy_s, 0.0
+        return busy
 
     def submit(self, images: Any, prompts: Sequence[str], meta: Meta) -> concurrent.futures.Future:
         """Score in the background; the caller must not modify the arrays until the future is done."""
