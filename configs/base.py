@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.resolution = 512  # --resolution
     c.data.num_examples = 64  # synthetic only: examples generated
     c.data.num_eval_examples = 16  # synthetic only
+    c.data.synthetic_kinds = ("shape", "text")  # synthetic only: what the masked box holds (text has target_text)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_steps = 10  # --rl_num_inference_steps

@@ -134,9 +134,11 @@ def test_an_eval_pass_covers_every_example_once_in_order():
 
 def test_loaders_from_config(tmp_path):
     data = ml_collections.ConfigDict(dict(format="synthetic", path="", eval_path="", resolution=16,
-                                          num_examples=6, num_eval_examples=3))
+                                          num_examples=6, num_eval_examples=3, synthetic_kinds=("text",)))
     train, held_out = loaders_from_config(data, prompts_per_batch=2, group_size=3, seed=1)
-    assert next(train)["image"].shape == (6, 16, 16, 3) and train.steps_per_epoch == 3
+    first = next(train)
+    assert first["image"].shape == (6, 16, 16, 3) and train.steps_per_epoch == 3
+    assert all(text is not None for text in first["target_text"])  # text boxes only
     assert held_out.prompts_per_batch == 6 and not set(held_out.batch_at(0, 0)["id"]) & {
         example_id for b in (train.batch_at(0, i) for i in range(3)) for example_id in b["id"]}
     train.close()

@@ -284,8 +284,9 @@ def loaders_from_config(data, *, prompts_per_batch: int, group_size: int, seed: 
     Eval batches hold prompts_per_batch * group_size distinct prompts in file order.
     """
     if data.format == "synthetic":
-        train_source = SyntheticSource(data.num_examples, data.resolution, seed)
-        eval_source = SyntheticSource(data.num_eval_examples, data.resolution, seed + 1)
+        kinds = tuple(data.synthetic_kinds)
+        train_source = SyntheticSource(data.num_examples, data.resolution, seed, kinds)
+        eval_source = SyntheticSource(data.num_eval_examples, data.resolution, seed + 1, kinds)
     else:
         if not data.path:
             raise ValueError(f"config: data.path is empty for data.format={data.format!r}")
