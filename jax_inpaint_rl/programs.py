@@ -1,8 +1,8 @@
 """The jitted programs the trainer runs: encode, sample, decode, update.
 
-Each is built once from (family, config) and closes over functions only, never
-over arrays, so parameters travel as arguments (shardable, donatable) and a
-program compiles once per shape. Sampling and updating take the frozen `base`
+Each is built once from (family, config) and closes over functions and the
+schedule's few per-step constants, never over parameters, so parameters travel
+as arguments (shardable, donatable) and a program compiles once per shape. Sampling and updating take the frozen `base`
 and the trainable tree apart (algorithms/trainable.py) and merge them inside.
 """
 import dataclasses
