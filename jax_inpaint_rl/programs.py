@@ -2,10 +2,12 @@
 
 Each is built once from (family, config) and closes over functions and the
 schedule's few per-step constants, never over parameters, so parameters travel
-as arguments (shardable, donatable) and a program compiles once per shape. Sampling and updating take the frozen `base`
-and the trainable tree apart (algorithms/trainable.py) and merge them inside.
+as arguments (shardable, donatable) and a program compiles once per shape.
+Sampling and updating take the frozen `base` and the trainable tree apart
+(algorithms/trainable.py) and merge them inside.
 """
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -14,6 +16,7 @@ import optax
 
 from jax_inpaint_rl.algorithms import ema as ema_lib
 from jax_inpaint_rl.algorithms import objectives
+from jax_inpaint_rl.algorithms import trainable as trainable_lib
 from jax_inpaint_rl.diffusion import guidance, rollout as rollout_lib, schedules
 from jax_inpaint_rl.diffusion.steps import Sampler
 from jax_inpaint_rl.models.family import Family
@@ -54,12 +57,7 @@ def make_encode(family: Family) -> Callable:
 
 
 Merge = Callable[[Any, Any], Any]  # (frozen base, trainable) -> denoiser params
-
-
-def whole(base, params):
-    """The merge of full fine-tuning: the trainable tree is the whole denoiser."""
-    del base
-    return params
+FULL = functools.partial(trainable_lib.merge, trainable_lib.Trainable())  # full fine-tuning: the tree is the denoiser
 
 
 def with_base(policy: objectives.Policy, merge: Merge, base) -> objectives.Policy:
@@ -70,7 +68,7 @@ def with_base(policy: objectives.Policy, merge: Merge, base) -> objectives.Polic
     return dataclasses.replace(policy, guided=over_trainable(policy.guided), unguided=over_trainable(policy.unguided))
 
 
-def make_sample(policy: objectives.Policy, merge: Merge = whole) -> Callable:
+def make_sample(policy: objectives.Policy, merge: Merge = FULL) -> Callable:
     """Jitted (base, trainable, cond, x_init, key, window) -> Trajectory; merges once per rollout."""
     @jax.jit
     def sample(base, trainable, cond, x_init, key, window):
@@ -108,7 +106,7 @@ def _pin(tree, shardings):
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
 
-def make_accumulate(policy: objectives.Policy, objective: Callable, merge: Merge = whole,
+def make_accumulate(policy: objectives.Policy, objective: Callable, merge: Merge = FULL,
                     state_sharding=None) -> Callable:
     """Jitted (state, base, batch, key) -> (state, metrics).
 

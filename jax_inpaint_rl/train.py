@@ -5,7 +5,6 @@ score on the host, compute group advantages, then run the algorithm's jitted
 update over shuffled minibatches. GRPO, NFT, DPO and SFT share the update program;
 only the objective differs.
 """
-import functools
 import json
 import os
 import signal
@@ -29,8 +28,6 @@ from jax_inpaint_rl.checkpoint.export import read_denoiser, write_export
 from jax_inpaint_rl.checkpoint.manager import Checkpointer
 from jax_inpaint_rl.diffusion import rollout as rollout_lib
 from jax_inpaint_rl.diffusion.steps import STEP_FUNCTIONS, Sampler
-from jax.experimental import multihost_utils
-
 from jax_inpaint_rl.parallel import mesh as mesh_lib
 from jax_inpaint_rl.parallel import partition
 from jax_inpaint_rl.rewards.calculator import RewardCalculator
@@ -106,22 +103,6 @@ def _global_rows(leaf) -> int:
     return rows if isinstance(leaf, jax.Array) else rows * jax.process_count()
 
 
-def host_rows(array) -> np.ndarray:
-    """This host's rows of a batch-sharded global array, in order (every row on a single host)."""
-    if jax.process_count() == 1:
-        return np.asarray(array)
-    blocks = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
-    return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])
-
-
-def all_hosts(local: np.ndarray) -> np.ndarray:
-    """Every host's rows of a per-sample host array, host-major (the global batch order)."""
-    if jax.process_count() == 1:
-        return np.asarray(local)
-    gathered = multihost_utils.process_allgather(np.asarray(local))
-    return gathered.reshape(-1, *gathered.shape[2:])
-
-
 def _take(tree, index):
     return jax.tree.map(lambda a: jnp.take(a, index, axis=0), tree)
 
@@ -155,10 +136,9 @@ class Run:
                                         "tensor": config.mesh.tensor})
         self.replicated, self.sharded = mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)
         self._base_params = self._place({k: v for k, v in params.items() if k != family.denoiser_key})
-        self.trainable = trainable_lib.from_config(config.train)
-        self.merge = functools.partial(trainable_lib.merge, self.trainable)
-        denoiser = params[family.denoiser_key]
-        self.denoiser_base = self._place(trainable_lib.frozen_base(self.trainable, denoiser))
+        self.merge, denoiser_base, trainable = trainable_lib.build(
+            config.train, params[family.denoiser_key], jax.random.fold_in(jax.random.key(config.seed), 1))
+        self.denoiser_base = self._place(denoiser_base)
         _check_divisible(config, mesh_lib.data_parallel_size(self.mesh))
         resolution = config.data.resolution
         self.latent_shape = family.latent_shape(resolution, resolution)
@@ -177,9 +157,7 @@ class Run:
                 family, config, eval_schedule, rl_sampler, config.sample.guidance_scale), self.merge)
         self.optimizer = programs.make_optimizer(config.train.learning_rate, config)
         self.accumulators, self.apply_step = {}, None
-        adapter_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-        state = initial_state(trainable_lib.init(self.trainable, denoiser, adapter_key), self.optimizer, config,
-                              jax.random.key(config.seed))
+        state = initial_state(trainable, self.optimizer, config, jax.random.key(config.seed))
         if config.train.autoencoder_steps > 0:  # a fitted autoencoder is part of what a resume needs
             state["base"] = self._base_params
         self.state = self._place(state)
@@ -200,19 +178,8 @@ class Run:
     def accumulate_for(self, method: str):
         """The jitted gradient accumulation of `method`'s objective (built once per method)."""
         if method not in self.accumulators:
-            t = self.config.train
-            kwargs = {
-                "grpo": dict(clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, kl_beta=t.kl_beta),
-                "nft": dict(beta=t.nft_beta, adv_clip_max=t.adv_clip_max, adv_mode=t.nft_adv_mode,
-                            kl_beta=t.kl_beta),
-                "dpo": dict(beta=t.dpo_beta),
-                "sft": dict(mask_weight_inside=t.sft_mask_weight_inside,
-                            mask_weight_outside=t.sft_mask_weight_outside),
-            }[method]
-            objective = lambda policy, p, frozen, batch, key: objectives.OBJECTIVES[method](  # noqa: E731
-                policy, p, frozen, batch, key, **kwargs)
-            self.accumulators[method] = programs.make_accumulate(self.policy, objective, self.merge,
-                                                                 self._state_sharding())
+            self.accumulators[method] = programs.make_accumulate(
+                self.policy, objectives.from_config(method, self.config.train), self.merge, self._state_sharding())
         return self.accumulators[method]
 
     def _state_sharding(self):
@@ -273,6 +240,11 @@ class Run:
                                                      np.asarray(batch["mask"], np.float32)))
         return self.encode(self.frozen_params, tokens, negative, image, mask), image, mask
 
+    def _images(self, trajectory, image, mask) -> np.ndarray:
+        """This host's composited results of a rollout, as uint8 (what rewards and grids see)."""
+        decoded = self.decode(self.frozen_params, trajectory.latents[:, -1], image, mask)
+        return report.to_uint8(mesh_lib.host_rows(decoded))
+
     # ---------- phases ----------
 
     def sft_step(self) -> dict:
@@ -316,8 +288,7 @@ class Run:
             x_init = rollout_lib.initial_noise(noise_key, s.prompts_per_batch * jax.process_count(),
                                                s.images_per_prompt, self.latent_shape, s.same_noise_per_group)
             trajectory = self.sample(self.denoiser_base, sampling_params, cond, self._shard(x_init), sde_key, window)
-            images = report.to_uint8(host_rows(self.decode(self.frozen_params, trajectory.latents[:, -1], image,
-                                                           mask)))
+            images = self._images(trajectory, image, mask)
             # scored in a worker thread while the next batch is rolled out
             pending.append(self.rewards.submit(images, batch["prompt"], _reward_meta(batch)))
             pieces.append({"trajectory": trajectory, "cond": cond})
@@ -326,8 +297,9 @@ class Run:
         scores = [future.result() for future in pending]
         self.reward_wait_s = time.time() - wait_start
         self.reward_compute_s = self.rewards.take_busy_seconds()
-        parts = {name: np.concatenate([all_hosts(score[name]) for score in scores]) for name in scores[0]}
-        valid = np.concatenate([all_hosts(v) for v in loader_valid]) & (parts.pop("valid") > 0)
+        parts = {name: np.concatenate([mesh_lib.all_hosts(score[name]) for score in scores])
+                 for name in scores[0]}
+        valid = np.concatenate([mesh_lib.all_hosts(v) for v in loader_valid]) & (parts.pop("valid") > 0)
         rewards = np.where(valid, parts.pop("score"), 0.0).astype(np.float32)
         return _concat(pieces), {"rewards": rewards, "valid": valid, "parts": parts, "window": window}
 
@@ -424,11 +396,10 @@ class Run:
                                        (len(batch["prompt"]) * jax.process_count(), *self.latent_shape))
             trajectory = self.sample_eval(self.denoiser_base, params, cond, self._shard(x_init), jax.random.key(0),
                                           window)
-            images = report.to_uint8(host_rows(self.decode(self.frozen_params, trajectory.latents[:, -1], image,
-                                                           mask)))
+            images = self._images(trajectory, image, mask)
             result = self.rewards(images, batch["prompt"], _reward_meta(batch))
             valid = np.asarray(batch.get("valid", np.ones(len(images), bool))) & (result["valid"] > 0)
-            scores.append(all_hosts(result["score"])[all_hosts(valid)])
+            scores.append(mesh_lib.all_hosts(result["score"])[mesh_lib.all_hosts(valid)])
             for i in range(len(images)):
                 if len(grid_rows) < self.config.eval.num_grid:
                     grid_rows.append([report.to_uint8(batch["image"][i]), report.to_uint8(batch["mask"][i] * 2 - 1),
@@ -499,8 +470,9 @@ class Run:
                     break
             summary["eval_reward_final"] = next((h["eval_reward"] for h in reversed(self.history)
                                                  if "eval_reward" in h), float("nan"))
-            merged = {name: jax.jit(self.merge)(self.denoiser_base, self.state[name])
-                      for name in ("params", "ema") if name in self.state}
+            merge = jax.jit(self.merge)
+            merged = {name: merge(self.denoiser_base, self.state[name]) for name in ("params", "ema")
+                      if name in self.state}
             write_export(os.path.join(c.output_dir, "export"), c, merged["params"], merged.get("ema"),
                          self.state.get("base"))
             if jax.process_index() == 0:

@@ -8,6 +8,7 @@ differentiates it with respect to `params` only, so all four share one jitted
 update step.
 """
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -138,3 +139,16 @@ OBJECTIVES: dict[str, Callable[..., Any]] = {
     "dpo": dpo_objective,
     "sft": sft_objective,
 }
+
+
+def from_config(method: str, train) -> Callable[..., Any]:
+    """`method`'s objective with its settings from config.train bound (what the trainer differentiates)."""
+    settings = {
+        "grpo": dict(clip_range=train.clip_range, adv_clip_max=train.adv_clip_max, kl_beta=train.kl_beta),
+        "nft": dict(beta=train.nft_beta, adv_clip_max=train.adv_clip_max, adv_mode=train.nft_adv_mode,
+                    kl_beta=train.kl_beta),
+        "dpo": dict(beta=train.dpo_beta),
+        "sft": dict(mask_weight_inside=train.sft_mask_weight_inside,
+                    mask_weight_outside=train.sft_mask_weight_outside),
+    }[method]
+    return functools.partial(OBJECTIVES[method], **settings)

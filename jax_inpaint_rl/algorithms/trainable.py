@@ -13,6 +13,7 @@ base without the adapter, at no extra memory). A leading axis is a scanned
 stack of layers, each with its own adapter.
 """
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -55,6 +56,13 @@ def from_config(train) -> Trainable:
     except re.error as error:
         raise ValueError(f"config: train.trainable_pattern={pattern!r} is not a regex: {error}") from error
     return Trainable(mode, pattern, train.lora_rank, float(train.lora_alpha))
+
+
+def build(train, params: Params, key: jax.Array) -> tuple[Any, Params, Params]:
+    """(merge: (base, trainable) -> denoiser params, frozen base, initial trainable tree) for the loaded
+    denoiser `params` from config.train; `key` draws LoRA's A."""
+    spec = from_config(train)
+    return functools.partial(merge, spec), frozen_base(spec, params), init(spec, params, key)
 
 
 def _selected(spec: Trainable, params: Params) -> dict[tuple, Any]:
@@ -101,7 +109,8 @@ def merge(spec: Trainable, base: Params, trainable: Params) -> Params:
     if spec.mode == "subset":
         flat.update(traverse_util.flatten_dict(trainable))
         return traverse_util.unflatten_dict(flat)
-    adapters = traverse_util.flatten_dict(trainable, is_leaf=lambda _, node: isinstance(node, dict) and "lora_a" in node)
+    is_adapter = lambda _, node: isinstance(node, dict) and "lora_a" in node  # noqa: E731
+    adapters = traverse_util.flatten_dict(trainable, is_leaf=is_adapter)
     for path, adapter in adapters.items():
         kernel = flat[path]
         delta = spec.scale * jnp.matmul(adapter["lora_a"], adapter["lora_b"], precision="highest")

@@ -10,6 +10,7 @@ from typing import Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
@@ -68,3 +69,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def host_rows(array) -> np.ndarray:
+    """This host's rows of a batch-sharded global array, in order (every row on a single host)."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    blocks = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
+    return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])
+
+
+def all_hosts(local: np.ndarray) -> np.ndarray:
+    """Every host's rows of a per-sample host array, host-major (the global batch order)."""
+    if jax.process_count() == 1:
+        return np.asarray(local)
+    gathered = multihost_utils.process_allgather(np.asarray(local))
+    return gathered.reshape(-1, *gathered.shape[2:])

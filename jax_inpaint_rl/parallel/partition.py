@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 TensorRules = Sequence[tuple[str, int]]  # (regex on the parameter path, axis split over 'tensor')
 
+
 def path_string(path) -> str:
     """'/a/b/c' from a jax key path (dict keys, attributes and sequence indices alike)."""
     parts = (getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))) for key in path)

@@ -55,22 +55,6 @@ def make_policy(model: Model, config, latent_shape) -> objectives.Policy:
     return programs.make_policy(model.family, config, schedule, Sampler(s.sampler, s.noise_level), s.guidance_scale)
 
 
-def trainable_parts(config, denoiser, key) -> tuple:
-    """(merge, frozen base, trainable tree) from config.train, as train.Run builds them."""
-    spec = trainable_lib.from_config(config.train)
-    return (functools.partial(trainable_lib.merge, spec), trainable_lib.frozen_base(spec, denoiser),
-            trainable_lib.init(spec, denoiser, jax.random.fold_in(key, 1)))
-
-
-def make_objective(method: str, config):
-    """The objective with the recipe's settings, as train.Run.update_for binds them."""
-    t = config.train
-    settings = {"grpo": dict(clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, kl_beta=t.kl_beta),
-                "nft": dict(beta=t.nft_beta, adv_clip_max=t.adv_clip_max, adv_mode=t.nft_adv_mode,
-                            kl_beta=t.kl_beta)}[method]
-    return functools.partial(objectives.OBJECTIVES[method], **settings)
-
-
 def compile_program(jitted, *args):
     """(compiled, seconds to trace + lower + compile, jaxpr) for these argument shapes."""
     start = time.perf_counter()
@@ -81,7 +65,7 @@ def compile_program(jitted, *args):
 
 def measure_rollout(policy, config, denoiser, cond, x_init, key, window, repeats: int):
     """Timings of the whole N-step rollout program (one lax.scan) and its last trajectory."""
-    merge, base, trainable = trainable_parts(config, denoiser, key)
+    merge, base, trainable = trainable_lib.build(config.train, denoiser, jax.random.fold_in(key, 1))
     args = (base, trainable, cond, x_init, key, window)
     compiled, compile_s, _ = compile_program(programs.make_sample(policy, merge), *args)
     timings, trajectory = measure.timed_runs(lambda: compiled(*args), jax.block_until_ready, repeats, "ours rollout")
@@ -101,13 +85,13 @@ def update_batch(config, trajectory, cond, advantages, key) -> dict:
 def measure_update(method: str, config, policy, denoiser, batch, key, repeats: int) -> dict:
     """Timings and FLOPs of one optimizer step: programs.make_accumulate on one micro-batch, then make_apply,
     as train.Run._micro_step runs them at the end of an accumulation window."""
-    merge, base, trainable = trainable_parts(config, denoiser, key)
+    merge, base, trainable = trainable_lib.build(config.train, denoiser, jax.random.fold_in(key, 1))
     optimizer = programs.make_optimizer(config.train.learning_rate, config)
     state = train.initial_state(trainable, optimizer, config, jax.random.fold_in(key, 2))  # its own buffer: donated
     state_sharding = jax.tree.map(lambda a: a.sharding, state)
+    objective = objectives.from_config(method, config.train)
     accumulate, accumulate_s, accumulate_jaxpr = compile_program(
-        programs.make_accumulate(policy, make_objective(method, config), merge, state_sharding), state, base, batch,
-        key)
+        programs.make_accumulate(policy, objective, merge, state_sharding), state, base, batch, key)
     apply, apply_s, apply_jaxpr = compile_program(programs.make_apply(optimizer, config.ema, state_sharding), state)
     carried = {"state": state}
 
