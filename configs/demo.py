@@ -31,8 +31,8 @@ def get_config():
     c.train.learning_rate = 1e-3
     c.train.minibatch_size = 16
     c.train.timestep_fraction = 1.0
-    c.train.clip_range = 1e-2
+    c.grpo.clip_range = 1e-2
     c.eval.interval = 10
-    c.checkpoint.interval = 10
+    c.checkpoint.interval = 40  # optimizer steps: 4 per epoch
     c.reward.specs = {"reference_similarity": {"weight": 1.0}}
     return c

@@ -8,6 +8,7 @@ def get_config():
     c.model.family = "flux_fill"
     c.model.path = ""  # python -m tools.convert_weights flux-fill --src FLUX.1-Fill-dev --dst DIR
     c.model.compute_dtype = "bfloat16"
+    c.model.param_dtype = "bfloat16"  # the frozen 12B base and encoders; LoRA adapters stay float32
     c.model.remat = True
     c.data.format = "jsonl"
     c.data.resolution = 512
@@ -22,14 +23,14 @@ def get_config():
     c.sample.window_max_start = 8
     c.train.method = "grpo"
     # LoRA on the attention projections, so a group of 8 fits on one 80 GB GPU; full fine-tuning of the 12B
-    # transformer: train.trainable='full', learning_rate 1e-5, mesh.fsdp over several GPUs
+    # transformer: train.trainable='full', model.param_dtype='float32', learning_rate 1e-5, mesh.fsdp over GPUs
     c.train.trainable = "lora"
     c.train.lora_rank = 32
     c.train.lora_alpha = 64.0
     c.train.learning_rate = 3e-4  # Flow-GRPO's LoRA rate
     c.train.minibatch_size = 8
-    c.train.clip_range = 1e-4
-    c.train.kl_beta = 0.0
+    c.grpo.clip_range = 1e-4
+    c.grpo.kl_beta = 0.0
     c.ema.enabled = True
     c.ema.decay = 0.9999
     c.reward.specs = {"ocr": {"weight": 1.0}}

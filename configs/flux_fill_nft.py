@@ -7,10 +7,11 @@ def get_config():
     c.output_dir = "runs/flux_fill_nft"
     c.train.method = "nft"
     c.sample.window_size = 0
-    c.train.nft_beta = 0.5
-    c.train.nft_adv_mode = "normal"
-    c.train.nft_decay_type = 1
-    c.train.kl_beta = 0.01
+    c.sample.window_max_start = 0
+    c.nft.beta = 0.5
+    c.nft.adv_mode = "normal"
+    c.nft.decay_type = "1"
+    c.nft.kl_beta = 0.01
     c.train.timestep_fraction = 0.5
     c.ema.decay = 0.999
     return c

@@ -6,7 +6,7 @@ def get_config():
     c = sd15_grpo.get_config()
     c.output_dir = "runs/sd15_dpo"
     c.train.method = "dpo"
-    c.train.dpo_beta = 5000.0
-    c.train.dpo_ref_update_interval = 50
-    c.train.minibatch_size = 2
+    c.dpo.beta = 5000.0
+    c.dpo.ref_update_interval = 50
+    c.train.minibatch_size = 2  # pairs
     return c

@@ -19,7 +19,7 @@ def get_config():
     c.train.method = "grpo"
     c.train.learning_rate = 1e-5
     c.train.minibatch_size = 8
-    c.train.clip_range = 1e-4
+    c.grpo.clip_range = 1e-4
     c.train.timestep_fraction = 0.5
     c.ema.enabled = True
     c.reward.specs = {"ocr": {"weight": 1.0}}

@@ -24,7 +24,7 @@ class HostShard:
 
     def __init__(self, loader, process_index):
         self.loader, self.index = loader, process_index
-        self.steps_per_epoch = loader.steps_per_epoch
+        self.steps_per_epoch, self.fields, self.name = loader.steps_per_epoch, loader.fields, loader.name
 
     def _rows(self, batch):
         size = len(batch["prompt"]) // HOSTS
@@ -50,22 +50,21 @@ class HostShard:
 def config_for(output_dir, hosts: int):
     """The test's run: 2 prompts x 4 images per rollout batch over all hosts, on 4 devices."""
     return T.make_config(output_dir, "grpo", sample__prompts_per_batch=2 // hosts, mesh__data=4,
-                         train__kl_beta=0.01, train__num_epochs=2)
+                         grpo__kl_beta=0.01, train__num_epochs=2)
 
 
-def loaders(process_index: int = 0, hosts: int = 1):
-    train_loader, eval_loader = T.ListLoader(T.make_examples(12, 0), 2), T.ListLoader(T.make_examples(8, 1), 8)
+def loaders(process_index: int = 0, hosts: int = 1) -> dict:
+    whole = {"train": T.ListLoader(T.make_examples(12, 0), 2), "eval": T.ListLoader(T.make_examples(8, 1), 8)}
     if hosts == 1:
-        return train_loader, eval_loader
-    return HostShard(train_loader, process_index), HostShard(eval_loader, process_index)
+        return whole
+    return {name: HostShard(loader, process_index) for name, loader in whole.items()}
 
 
 def run(config, process_index: int = 0, hosts: int = 1):
     family, params = toy_family.tiny(seed=0, resolution=T.RES)
-    train_loader, eval_loader = loaders(process_index, hosts)
-    runner = train.Run(config, family=family, params=params, train_loader=train_loader, eval_loader=eval_loader,
+    runner = train.fit(config, family=family, params=params, loaders=loaders(process_index, hosts),
                        reward_fn=T.colour_reward)
-    return runner, runner.fit()
+    return runner, runner.summary
 
 
 def main(process_id: int, port: int, output_dir: str) -> None:

@@ -1,10 +1,13 @@
 """Advantages and losses against independent NumPy formulas, gradients and limits."""
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jax_inpaint_rl.algorithms import advantages as adv_lib, dpo, ema, grpo, nft, sft
+from jax_inpaint_rl.diffusion import parameterization
 
 RNG = np.random.default_rng(0)
 
@@ -107,14 +110,32 @@ def test_kl_uses_the_step_std_and_vanishes_at_the_reference():
     mean = jnp.asarray(RNG.standard_normal((3, 4, 2)), jnp.float32)
     ref = jnp.asarray(RNG.standard_normal((3, 4, 2)), jnp.float32)
     std = jnp.array([0.2, 0.5, 0.0])
-    kl = grpo.gaussian_step_kl(mean, ref, std)
+    kl = grpo.gaussian_step_kl(mean, ref, std**2)
     expected = ((np.asarray(mean) - np.asarray(ref)) ** 2).reshape(3, -1).mean(1) / (2 * np.array([0.2, 0.5, 1.0]) ** 2)
     np.testing.assert_allclose(kl[:2], expected[:2], rtol=1e-5)
     assert float(kl[2]) == 0.0
-    np.testing.assert_array_equal(grpo.gaussian_step_kl(mean, mean, std), 0.0)
+    np.testing.assert_array_equal(grpo.gaussian_step_kl(mean, mean, std**2), 0.0)
     terms = grpo.grpo_loss(jnp.zeros(3), jnp.zeros(3), jnp.zeros(3), clip_range=0.1, kl_beta=0.04, mean=mean,
-                           ref_mean=ref, std=std)
+                           ref_mean=ref, kl_var=std**2)
     np.testing.assert_allclose(terms.loss, 0.04 * np.asarray(kl).mean(), rtol=1e-5)
+
+
+def test_flow_grpo_kl_mode_divides_by_sigma_squared():
+    """Flow-GRPO's KL divides by sigma_t^2 (no sqrt(-dt) in its std): the exact KL times (-dt)."""
+    sigma, sigma_next, a = np.array([0.9, 0.55]), np.array([0.8, 0.3]), 0.7
+    sigma_t = a * np.sqrt(sigma / (1 - sigma))
+    std = sigma_t * np.sqrt(sigma - sigma_next)
+    coeffs = {"sigma": jnp.asarray(sigma, jnp.float32), "sigma_next": jnp.asarray(sigma_next, jnp.float32)}
+    mean = jnp.asarray(RNG.standard_normal((2, 5)), jnp.float32)
+    ref = jnp.asarray(RNG.standard_normal((2, 5)), jnp.float32)
+    f32 = jnp.asarray(std, jnp.float32)
+    exact = grpo.gaussian_step_kl(mean, ref, grpo.kl_variance(f32, coeffs, "exact"))
+    flow = grpo.gaussian_step_kl(mean, ref, grpo.kl_variance(f32, coeffs, "flow_grpo"))
+    squared = ((np.asarray(mean, np.float64) - np.asarray(ref, np.float64)) ** 2).mean(1)
+    np.testing.assert_allclose(flow, squared / (2 * sigma_t**2), rtol=1e-5)
+    np.testing.assert_allclose(flow, np.asarray(exact) * (sigma - sigma_next), rtol=1e-5)
+    with pytest.raises(ValueError, match="kl_mode"):
+        grpo.kl_variance(f32, coeffs, "anchor")
 
 
 def test_train_step_indices_modes():
@@ -156,8 +177,9 @@ def test_nft_loss_matches_numpy(mode):
     x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
     advantages = np.array([3.0, -7.0, 0.0, 0.5, -0.2])
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    terms = nft.nft_loss(f32(v), f32(v_old), f32(x_t), f32(x0), f32(t), f32(advantages), beta=0.5, adv_clip_max=5.0,
-                         adv_mode=mode, kl_beta=0.01, v_ref=f32(v_ref))
+    x0_of = lambda v_mix: f32(x_t) - f32(t)[:, None, None] * v_mix  # noqa: E731
+    terms = nft.nft_loss(f32(v), f32(v_old), f32(x0), f32(advantages), x0_estimate=x0_of, beta=0.5,
+                         adv_clip_max=5.0, adv_mode=mode, kl_beta=0.01, ref_prediction=f32(v_ref))
     np.testing.assert_allclose(terms.loss, np_nft(v, v_old, x_t, x0, t, advantages, 0.5, 5.0, mode, 0.01, v_ref),
                                rtol=1e-4)
 
@@ -168,7 +190,8 @@ def test_nft_limits_and_gradient_direction():
     t = jnp.array([0.5, 0.5])
     x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
     v_true = eps - x0
-    loss = lambda v, a: nft.nft_loss(v, v_old, x_t, x0, t, a, beta=1.0).loss  # noqa: E731
+    loss = lambda v, a: nft.nft_loss(v, v_old, x0, a, x0_estimate=lambda p: x_t - t[:, None] * p,  # noqa: E731
+                                     beta=1.0).loss
     # v_theta == v_old: v+ == v- so the reward weight cannot matter
     np.testing.assert_allclose(loss(v_old, jnp.array([5.0, 5.0])), loss(v_old, jnp.array([-5.0, -5.0])), rtol=1e-6)
     # positive advantage: a gradient step moves v toward the velocity that reconstructs x0
@@ -182,12 +205,16 @@ def test_nft_limits_and_gradient_direction():
 
 
 def test_old_params_decay_types():
-    np.testing.assert_allclose([nft.old_params_decay(s, 0) for s in (0, 100)], [0, 0])
-    np.testing.assert_allclose([nft.old_params_decay(s, 1) for s in (0, 100, 1000)], [0, 0.1, 0.5], rtol=1e-6)
-    np.testing.assert_allclose([nft.old_params_decay(s, 2) for s in (0, 74, 75, 175, 1000)],
+    np.testing.assert_allclose([nft.old_params_decay(s, "copy") for s in (0, 100)], [0, 0])
+    np.testing.assert_allclose([nft.old_params_decay(s, "1") for s in (0, 100, 1000)], [0, 0.1, 0.5], rtol=1e-6)
+    np.testing.assert_allclose([nft.old_params_decay(s, "2") for s in (0, 74, 75, 175, 1000)],
                                [0, 0, 0, 0.75, 0.999], rtol=1e-6)
     with pytest.raises(ValueError, match="decay_type"):
-        nft.old_params_decay(0, 3)
+        nft.old_params_decay(0, "3")
+    state = {"old": {"w": jnp.zeros(2)}, "params": {"w": jnp.ones(2)}}
+    assert nft.decay_old_params(state, 500, "0") is state  # seed 004's type 0: a fixed reference
+    np.testing.assert_allclose(nft.decay_old_params(state, 100, "1")["old"]["w"], 0.9, rtol=1e-6)
+    np.testing.assert_array_equal(nft.decay_old_params(state, 7, "copy")["old"]["w"], 1.0)
 
 
 # ---------- DPO ----------
@@ -230,11 +257,30 @@ def test_sft_mask_weighted_loss_matches_numpy():
     expected = np.mean([(err[i] * m[i]).sum() / m[i].sum() for i in range(2)])
     np.testing.assert_allclose(ours, expected, rtol=1e-5)
     np.testing.assert_allclose(sft.sft_loss(jnp.asarray(pred), jnp.asarray(target)), err.mean(), rtol=1e-5)
-    x0, eps = jnp.ones((1, 2)), jnp.zeros((1, 2))
-    np.testing.assert_allclose(sft.flow_noisy_latents(x0, eps, jnp.array([0.25])), [[0.75, 0.75]])
-    np.testing.assert_allclose(sft.sft_target("velocity", x0, eps), [[-1.0, -1.0]])
-    t = sft.logit_normal_t(jax.random.key(0), (1000,))
-    assert 0 < float(t.min()) and float(t.max()) < 1 and abs(float(t.mean()) - 0.5) < 0.05
+
+
+def test_parameterizations_match_numpy():
+    """x_t, regression targets and x0 estimates of both parameterizations, against REFERENCE_MATH in float64."""
+    x0, eps = RNG.standard_normal((3, 2, 2, 4)), RNG.standard_normal((3, 2, 2, 4))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    velocity, epsilon = parameterization.Velocity(), parameterization.Epsilon()
+    t = np.array([0.1, 0.37, 0.93])
+    tt = t[:, None, None, None]
+    x_t = (1 - tt) * x0 + tt * eps
+    np.testing.assert_allclose(velocity.noised(f32(x0), f32(eps), f32(t)), x_t, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(velocity.target(f32(x0), f32(eps)), eps - x0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(velocity.x0(f32(eps - x0), f32(x_t), f32(t)), x0, rtol=1e-4, atol=1e-5)
+    steps = np.array([1, 480, 999])
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    ab = np.cumprod(1 - betas)[steps][:, None, None, None]
+    x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * eps
+    np.testing.assert_allclose(epsilon.noised(f32(x0), f32(eps), f32(steps)), x_t, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(epsilon.target(f32(x0), f32(eps)), eps)
+    np.testing.assert_allclose(epsilon.x0(f32(eps), f32(x_t), f32(steps)), x0, rtol=1e-4, atol=1e-4)
+    times = velocity.training_time(jax.random.key(0), 1000)
+    assert 0 < float(times.min()) and float(times.max()) < 1 and abs(float(times.mean()) - 0.5) < 0.05
+    timesteps = np.asarray(epsilon.training_time(jax.random.key(0), 1000))
+    assert timesteps.min() >= 0 and timesteps.max() <= 999 and np.all(timesteps == np.round(timesteps))
 
 
 def test_ema_update_and_interval():
@@ -242,3 +288,18 @@ def test_ema_update_and_interval():
     np.testing.assert_allclose(ema.ema_update(avg, params, 0.9)["w"], 0.1, rtol=1e-6)
     np.testing.assert_allclose(ema.ema_update_every(avg, params, 3, 0.9, interval=2)["w"], 0.0)
     np.testing.assert_allclose(ema.ema_update_every(avg, params, 4, 0.9, interval=2)["w"], 0.1, rtol=1e-6)
+
+
+def test_first_ratio_warning_is_tied_to_the_clip_range():
+    """A first-update ratio off by 3e-5 is noise with clip range 1e-3 but a real disagreement with 1e-4 (the
+    default), where the old fixed 1e-3 threshold never warned."""
+    first = {"ratio_min": np.array([1 - 3e-5, 1.0]), "ratio_max": np.array([1 + 2e-5, 1.1]), "loss": np.zeros(2)}
+    later = {"ratio_min": np.array([0.9]), "ratio_max": np.array([1.2]), "loss": np.ones(1)}
+    with mock.patch.object(grpo.logging, "warning") as warning:
+        summary = grpo.summarize([first, later], clip_range=1e-4)
+    assert warning.called
+    assert summary["first_ratio_deviation"] == pytest.approx(3e-5, rel=1e-3)
+    assert (summary["ratio_min"], summary["ratio_max"], summary["loss"]) == (0.9, 1.2, pytest.approx(1 / 3))
+    with mock.patch.object(grpo.logging, "warning") as warning:
+        grpo.summarize([first], clip_range=1e-3)
+    assert not warning.called

@@ -56,6 +56,18 @@ def test_loader_raises_the_same_problems_at_start_up(tmp_path):
     assert all(any(text in problem for problem in raised.value.problems) for text in expected.values())
 
 
+def test_check_prints_the_kind_and_the_fields(tmp_path, capsys):
+    listing = write_json_set(tmp_path / "inpaint", inpaint_records(2))
+    assert check.main([str(listing)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{listing}: inpaint set, 2 examples, fields: embedding:t5, image, mask, prompt, 0 problem(s)")
+    edit = write_json_set(tmp_path / "edit", [{"image_path": f"img/{i}.png", "prompt": "p"} for i in range(3)])
+    assert check.main([str(edit)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{edit}: edit set, 3 examples, fields: image, prompt (no mask: inpainting families cannot train on it), "
+        f"0 problem(s)")
+
+
 def test_expected_embedding_shape_from_the_command_line(tmp_path, capsys):
     listing = write_json_set(tmp_path, inpaint_records(2))
     assert check.main([str(listing), "--embedding-shape", "t5=4x8"]) == 0

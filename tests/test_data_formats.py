@@ -1,16 +1,19 @@
-"""Local formats (self_bench, JSON / JSONL, edit sets, prompt lists), masks and the synthetic set.
+"""Local formats (self_bench, JSON / JSONL, edit sets, prompt lists), their fields, masks and the synthetic set.
 
 The helpers at the top write small fixtures; the other data tests import them.
 """
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-from jax_inpaint_rl.data import masks, synthetic
-from jax_inpaint_rl.data.formats import DataError, open_source, read_mask
+from jax_inpaint_rl.data import find_problems, masks, synthetic
+from jax_inpaint_rl.data.formats import DataError, read_mask
+from jax_inpaint_rl.data.sources import open_source
 
 SIZE = 16
 
@@ -80,6 +83,12 @@ def test_self_bench_roles_line_formats_and_target_text(tmp_path):
     assert [source[i]["prompt"] for i in (1, 2)] == ["a red circle", "text 'hi'"]
     assert source[1]["target_text"] is None
     assert source.locate(0, "mask").endswith("test01_mask.png")
+    assert source.fields == {"prompt", "image", "mask", "target"}  # target_text only on line 1
+
+
+def test_self_bench_fields_include_target_text_when_every_line_has_one(tmp_path):
+    folder = write_self_bench(tmp_path / "bench", ["1\ta sign\tOPEN", "2\ta door\tPUSH"])
+    assert open_source(folder).fields == {"prompt", "image", "mask", "target", "target_text"}
 
 
 def test_self_bench_bad_line_is_reported_with_its_line_number(tmp_path):
@@ -111,6 +120,26 @@ def test_json_and_jsonl_with_embeddings_and_relative_paths(tmp_path, jsonl):
         np.testing.assert_array_equal(source[i]["embeddings"]["t5"], np.full((4, 8), i, np.float32))
 
 
+def test_jsonl_fields_follow_what_every_record_has(tmp_path):
+    records = inpaint_records(3)
+    records[1].update(target_path="img/1_ref.png", target_text="AB")
+    source = open_source(write_json_set(tmp_path / "some_targets", records))
+    assert source.fields == {"prompt", "image", "mask", "embedding:t5"}  # no target, no target_text
+    for record in records:
+        record.update(target_path=record["image_path"].replace(".png", "_ref.png"), target_text="AB")
+    assert open_source(write_json_set(tmp_path / "all_targets", records)).fields == {
+        "prompt", "image", "mask", "target", "target_text", "embedding:t5"}
+
+
+def test_embeddings_on_some_records_are_no_field_and_a_problem(tmp_path):
+    records = inpaint_records(3)
+    del records[1]["t5_embedding_path"]
+    source = open_source(write_json_set(tmp_path, records))
+    assert source.fields == {"prompt", "image", "mask"}
+    assert any("no embedding ['t5'] although other examples have one" in p
+               for p in find_problems(source, progress=False))
+
+
 def test_missing_fields_are_listing_problems(tmp_path):
     records = inpaint_records(3)
     del records[1]["mask_path"]
@@ -127,9 +156,11 @@ def test_edit_set_and_prompt_lists(tmp_path):
         {"image_path": "img/1.png", "target_path": "img/1_t.png", "prompt": "add a hat"}]))
     assert edit.kind == "edit" and "mask" not in edit[0] and edit[0]["prompt"] == "make it blue"
     assert edit[1]["target"].shape == (SIZE, SIZE, 3)
+    assert edit.fields == {"image", "prompt"}  # no mask, and only one record has a target
     (tmp_path / "prompts.txt").write_text("a cat\n\n a dog \n")
     prompts = open_source(tmp_path / "prompts.txt")
     assert prompts.kind == "prompts" and [prompts[i]["prompt"] for i in range(2)] == ["a cat", "a dog"]
+    assert prompts.fields == {"prompt"}
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "x", "target_text": "X"}\n')
     assert open_source(tmp_path / "prompts.jsonl")[0]["target_text"] == "X"
 
@@ -170,3 +201,17 @@ def test_synthetic_examples_are_deterministic_and_the_prompt_names_the_fill():
             assert example["prompt"] == f'text "{example["target_text"]}"'
     other = synthetic.SyntheticSource(12, resolution=32, seed=6)
     assert any(other[i]["prompt"] != source[i]["prompt"] for i in range(12))
+
+
+def test_synthetic_fields_and_target_text_only_for_text_sets():
+    assert synthetic.SyntheticSource(4).fields == {"prompt", "image", "mask", "target"}
+    text_only = synthetic.SyntheticSource(4, kinds=("text",))
+    assert text_only.fields == {"prompt", "image", "mask", "target", "target_text"}
+    assert all(text_only[i]["target_text"] for i in range(4))
+
+
+def test_formats_does_not_import_the_tfds_builder():
+    code = "import jax_inpaint_rl.data.formats, sys; print('jax_inpaint_rl.data.tfds_builder' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False"

@@ -7,6 +7,7 @@ import pytest
 
 from jax_inpaint_rl.data import DataError, Loader, SyntheticSource, open_source
 from jax_inpaint_rl.data.loader import loaders_from_config, resize_and_crop, style_crop
+from tests.test_data_formats import inpaint_records, write_json_set
 
 
 def valid_indices_per_epoch(loaders, epochs):
@@ -97,9 +98,16 @@ def test_resize_and_crop_keeps_image_mask_and_target_aligned_and_the_mask_in_vie
 
 
 def test_loader_batches_style_images_and_prompt_only_sets(tmp_path):
-    batch = next(Loader(SyntheticSource(4, resolution=32), prompts_per_batch=2, resolution=24,
-                        style_resolution=8, prefetch=0))
+    styled = Loader(SyntheticSource(4, resolution=32), prompts_per_batch=2, resolution=24, style_resolution=8,
+                    prefetch=0)
+    batch = next(styled)
     assert batch["style_image"].shape == (2, 8, 8, 3) and batch["image"].shape == (2, 24, 24, 3)
+    assert styled.fields == {"prompt", "image", "mask", "target", "style_image"}
+    assert Loader(SyntheticSource(4, resolution=32), prompts_per_batch=2, resolution=24).fields == {
+        "prompt", "image", "mask", "target"}
+    no_target = open_source(write_json_set(tmp_path / "json", inpaint_records(2)))
+    with pytest.raises(ValueError, match=r"style_resolution needs a mask and a target.*lacks \['target'\]"):
+        Loader(no_target, prompts_per_batch=2, resolution=16, style_resolution=8)
     (tmp_path / "p.txt").write_text("a\nb\nc\n")
     prompts = next(Loader(open_source(tmp_path / "p.txt"), prompts_per_batch=2, group_size=2, prefetch=0))
     assert set(prompts["prompt"]) <= {"a", "b", "c"} and "image" not in prompts
@@ -135,13 +143,17 @@ def test_an_eval_pass_covers_every_example_once_in_order():
 def test_loaders_from_config(tmp_path):
     data = ml_collections.ConfigDict(dict(format="synthetic", path="", eval_path="", resolution=16,
                                           num_examples=6, num_eval_examples=3, synthetic_kinds=("text",)))
-    train, held_out = loaders_from_config(data, prompts_per_batch=2, group_size=3, seed=1)
+    train, held_out, sft = loaders_from_config(data, prompts_per_batch=2, sft_batch_size=3, seed=1)
     first = next(train)
-    assert first["image"].shape == (6, 16, 16, 3) and train.steps_per_epoch == 3
+    assert first["image"].shape == (2, 16, 16, 3) and train.steps_per_epoch == 3
     assert all(text is not None for text in first["target_text"])  # text boxes only
-    assert held_out.prompts_per_batch == 6 and not set(held_out.batch_at(0, 0)["id"]) & {
+    assert held_out.prompts_per_batch == 2 and not set(held_out.batch_at(0, 0)["id"]) & {
         example_id for b in (train.batch_at(0, i) for i in range(3)) for example_id in b["id"]}
+    sft_batch = next(sft)  # --train_batch_size examples, over the train set in an order of its own
+    assert sft_batch["image"].shape == (3, 16, 16, 3) and set(sft_batch["id"]) <= {f"synthetic-1-{i}" for i in range(6)}
+    assert loaders_from_config(data, prompts_per_batch=2, seed=1)[2] is None
     train.close()
+    sft.close()
     data.update(format="jsonl", path=str(tmp_path / "missing.jsonl"))
     with pytest.raises(DataError, match="missing.jsonl: dataset path does not exist"):
-        loaders_from_config(data, prompts_per_batch=2, group_size=3, seed=1)
+        loaders_from_config(data, prompts_per_batch=2, seed=1)

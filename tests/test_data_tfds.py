@@ -12,13 +12,14 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jax_inpaint_rl.data import Loader, check, find_problems, open_source
+from jax_inpaint_rl.data import Loader, SyntheticSource, check, find_problems, open_source
 from jax_inpaint_rl.data.tfds_builder import build_tfds, open_tfds
 from tests.test_data_formats import inpaint_records, write_json_set, write_self_bench
 
 
 def assert_same_examples(expected_source, got_source):
     assert len(got_source) == len(expected_source) and got_source.kind == expected_source.kind
+    assert got_source.fields == expected_source.fields
     for index in range(len(expected_source)):
         expected, got = expected_source[index], got_source[index]
         assert set(got) == set(expected)
@@ -35,6 +36,7 @@ def assert_same_examples(expected_source, got_source):
 
 def test_self_bench_round_trip(tmp_path):
     local = open_source(write_self_bench(tmp_path / "bench", ["1\ta sign\tOPEN", "2 a red circle", "3 a cat"]))
+    assert local.fields == {"prompt", "image", "mask", "target"}
     folder = build_tfds(local, tmp_path / "tfds")
     assert (folder / "dataset_info.json").is_file()
     assert_same_examples(local, open_source(folder))
@@ -47,12 +49,20 @@ def test_jsonl_with_embeddings_round_trip(tmp_path):
     local = open_source(write_json_set(tmp_path / "json", inpaint_records(3)))
     folder = build_tfds(local, tmp_path / "tfds", split="validation")
     assert_same_examples(local, open_source(folder, split="validation"))
+    assert local.fields == {"prompt", "image", "mask", "embedding:t5"}
+
+
+def test_target_text_on_every_example_survives_the_round_trip(tmp_path):
+    local = SyntheticSource(3, resolution=16, kinds=("text",))
+    assert "target_text" in local.fields
+    assert_same_examples(local, open_source(build_tfds(local, tmp_path / "tfds")))
 
 
 def test_prompt_list_round_trip(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\na dog\n")
     local = open_source(tmp_path / "p.txt")
     assert_same_examples(local, open_source(build_tfds(local, tmp_path / "tfds")))
+    assert local.fields == {"prompt"}
 
 
 class ForeignImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -87,6 +97,7 @@ def test_any_tfds_image_dataset_gets_masks_on_the_fly(tmp_path):
     assert labels == {"a photo of a cat", "a photo of a dog"}
     example = source[0]
     assert example["image"].shape == (20, 24, 3) and example["mask"].shape == (20, 24, 1)
+    assert source.fields == {"prompt", "image", "mask"}  # masks generated, no target stored
     np.testing.assert_array_equal(example["mask"], again[0]["mask"])
     assert find_problems(source, progress=False) == []
     batch = next(Loader(source, prompts_per_batch=3, group_size=2, resolution=16, prefetch=0))

@@ -229,19 +229,32 @@ def test_random_window_has_the_requested_size():
         rollout_lib.sde_window(5, start=3, size=4)
 
 
-def test_classifier_free_guidance_combines_one_doubled_call():
+def test_guidance_values_match_their_formulas():
+    """Batched CFG (one doubled call), embedded guidance (a model input) and true CFG (two calls, rescaled to
+    the positive prediction's norm over the feature axis, as Qwen-Image's pipelines do), against NumPy."""
     params = toy_policy.init_params(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2, *toy_policy.LATENT_SHAPE))
     t = jnp.full((2,), 0.5)
     pos, neg = toy_policy.make_cond(jax.random.key(2), 2), toy_policy.make_cond(jax.random.key(3), 2)
-    guided = guidance.guide(toy_policy.denoise, "cfg", 4.0)(params, x, t, {"positive": pos, "negative": neg})
-    u, c = toy_policy.denoise(params, x, t, neg), toy_policy.denoise(params, x, t, pos)
-    np.testing.assert_allclose(guided, u + 4.0 * (c - u), rtol=1e-5, atol=1e-6)
+    cond = {"positive": pos, "negative": neg}
+    u = np.asarray(toy_policy.denoise(params, x, t, neg), np.float64)
+    c = np.asarray(toy_policy.denoise(params, x, t, pos), np.float64)
+    cfg = guidance.BatchedCFG()
+    np.testing.assert_allclose(cfg.guided(toy_policy.denoise, 4.0)(params, x, t, cond), u + 4.0 * (c - u),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cfg.unguided(toy_policy.denoise, 4.0)(params, x, t, cond), c, rtol=1e-6)
+    combined = u + 4.0 * (c - u)
+    rescaled = combined * np.linalg.norm(c, axis=-1, keepdims=True) / np.linalg.norm(combined, axis=-1, keepdims=True)
+    true_cfg = guidance.TrueCFG()
+    np.testing.assert_allclose(true_cfg.guided(toy_policy.denoise, 4.0)(params, x, t, cond), rescaled, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(guidance.TrueCFG(rescale=False).guided(toy_policy.denoise, 4.0)(params, x, t, cond),
+                               combined, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(true_cfg.guided(toy_policy.denoise, 1.0)(params, x, t, cond), c, rtol=1e-6)
+    assert cfg.needs_negative and true_cfg.needs_negative and not guidance.EmbeddedGuidance.needs_negative
     seen = {}
-    guidance.guide(lambda p, x, t, cond: seen.update(cond) or x, "embedded", 30.0)(params, x, t, pos)
+    guidance.EmbeddedGuidance().guided(lambda p, x, t, cond: seen.update(cond) or x, 30.0)(params, x, t, pos)
     np.testing.assert_array_equal(seen["guidance"], [30.0, 30.0])
-    with pytest.raises(ValueError, match="guidance style"):
-        guidance.guide(toy_policy.denoise, "bogus", 1.0)
 
 
 def test_gaussian_log_prob_is_zero_for_deterministic_steps_and_finite_gradient():

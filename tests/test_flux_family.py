@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from jax_inpaint_rl.diffusion import schedules
-from jax_inpaint_rl.models import flux
+from jax_inpaint_rl.diffusion.guidance import EmbeddedGuidance
+from jax_inpaint_rl.models.flux import family as flux
 from tests.sd15_fixtures import TEXT_CONFIGS, clip_tokenizer, randomize_norms, relative_error
 
 SIZE, STEPS, T5_LENGTH, BATCH = 32, 3, 8, 2
@@ -88,10 +89,12 @@ def fill_pipeline(tmp_path_factory):
 def run_ours(family, params, image, mask, noise, guidance: float):
     images = jnp.asarray(np.repeat(image[None], BATCH, 0), jnp.float32) / 127.5 - 1.0
     masks = jnp.asarray(np.repeat(mask[None, ..., None], BATCH, 0), jnp.float32) / 255.0
-    cond = {**family.encode_prompt(params, family.tokenize(PROMPTS)),
-            **family.prepare_condition(params, images, masks), "guidance": jnp.full((BATCH,), guidance)}
+    inputs = {name: value for name, value in (("image", images), ("mask", masks)) if name in family.inputs}
+    cond = {**family.encode_prompt(params, family.tokenize(PROMPTS), inputs, {}),
+            **family.prepare_condition(params, inputs), "guidance": jnp.full((BATCH,), guidance)}
     shape = family.latent_shape(SIZE, SIZE)
-    schedule = schedules.flux_schedule(STEPS, image_seq_len=shape[0] * shape[1])
+    schedule = family.schedule(STEPS, shape)
+    np.testing.assert_array_equal(schedule["sigma"], schedules.flux_schedule(STEPS, shape[0] * shape[1])["sigma"])
     x = jnp.asarray(noise).reshape(BATCH, *shape)
     step = jax.jit(family.denoise)
     for i in range(STEPS):
@@ -131,9 +134,14 @@ def test_prompt_encoding_matches_the_pipeline(fill_pipeline):
     name, pipe, (family, params) = fill_pipeline
     with torch.no_grad():
         text, pooled, _ = pipe.encode_prompt(prompt=PROMPTS, prompt_2=PROMPTS, max_sequence_length=T5_LENGTH)
-    cond = family.encode_prompt(params, family.tokenize(PROMPTS))
+    cond = family.encode_prompt(params, family.tokenize(PROMPTS), {}, {})
     assert relative_error(cond["text"], text.numpy()) < 1e-4
     assert relative_error(cond["pooled"], pooled.numpy()) < 1e-4
+    # precomputed embeddings (seed 001's t5_embedding_path) stand in for the encoders
+    given = {"t5": text.numpy() + 1.0, "pooled": pooled.numpy() - 1.0}
+    replaced = family.encode_prompt({}, family.tokenize(PROMPTS), {}, given)
+    np.testing.assert_array_equal(replaced["text"], given["t5"])
+    np.testing.assert_array_equal(replaced["pooled"], given["pooled"])
 
 
 def test_fill_condition_matches_prepare_mask_latents(fill_pipeline):
@@ -141,7 +149,7 @@ def test_fill_condition_matches_prepare_mask_latents(fill_pipeline):
     image, mask, _ = inputs()
     images = jnp.asarray(image[None], jnp.float32) / 127.5 - 1.0
     masks = jnp.asarray(mask[None, ..., None], jnp.float32) / 255.0
-    cond = family.prepare_condition(params, images, masks)["fill"]
+    cond = family.prepare_condition(params, {"image": images, "mask": masks})["fill"]
     torch_image = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
     torch_mask = torch.from_numpy(np.asarray(masks)).permute(0, 3, 1, 2)
     latents = pipe.vae.encode(torch_image * (1 - torch_mask)).latent_dist.mode()
@@ -170,14 +178,15 @@ def test_packing_and_ids_follow_diffusers():
 def test_tiny_families_of_every_variant():
     for name in flux.VARIANTS:
         family, _ = flux.tiny(name)
-        assert family.name == name and family.prediction == "velocity" and family.guidance == "embedded"
+        assert family.name == name and family.parameterization.name == "velocity"
+        assert isinstance(family.guidance, EmbeddedGuidance) and not family.guidance.needs_negative
         assert family.denoiser_key == "transformer" and family.latent_shape(SIZE, 64) == (SIZE // 4, 16, 64)
+        assert family.inputs == {"flux_fill": ("image", "mask"), "flux_kontext": ("image",), "flux_dev": ()}[name]
     family, params = flux.tiny("flux_kontext", seed=1)  # Fill and Kontext conditioning run in the parity tests
     images = jnp.zeros((1, SIZE, SIZE, 3)).at[:, :8].set(0.5)
-    masks = jnp.zeros((1, SIZE, SIZE, 1)).at[:, 8:24, 8:24].set(1.0)
-    cond = jax.jit(lambda p, tokens, image, mask: {**family.encode_prompt(p, tokens),
-                                                   **family.prepare_condition(p, image, mask)})(
-        params, family.tokenize(["a cat"]), images, masks)
+    cond = jax.jit(lambda p, tokens, inputs: {**family.encode_prompt(p, tokens, inputs, {}),
+                                              **family.prepare_condition(p, inputs)})(
+        params, family.tokenize(["a cat"]), {"image": images})
     x0 = jax.jit(family.encode_image)(params, images)
     assert x0.shape == (1, *family.latent_shape(SIZE, SIZE))
     velocity = jax.jit(family.denoise)(params, x0, jnp.full((1,), 0.5), {**cond, "guidance": jnp.full((1,), 3.5)})
@@ -189,9 +198,9 @@ def test_bad_inputs_are_named(tmp_path):
     family, params = flux.tiny("flux_fill")
     images = jnp.zeros((1, SIZE, SIZE, 3))
     with pytest.raises(ValueError, match=r"mask \(1, 16, 16, 1\): expected \(1, 32, 32, 1\)"):
-        family.prepare_condition(params, images, jnp.zeros((1, 16, 16, 1)))
+        family.prepare_condition(params, {"image": images, "mask": jnp.zeros((1, 16, 16, 1))})
     with pytest.raises(ValueError, match=r"image \(1, 30, 30, 3\).*multiples of 4"):
-        family.prepare_condition(params, jnp.zeros((1, 30, 30, 3)), jnp.zeros((1, 30, 30, 1)))
+        family.prepare_condition(params, {"image": jnp.zeros((1, 30, 30, 3)), "mask": jnp.zeros((1, 30, 30, 1))})
     with pytest.raises(ValueError, match="30x32 is not a multiple of 4"):
         family.latent_shape(30, 32)
     transformer, vae, clip, t5_config = flux.tiny_configs("flux_dev")
@@ -199,3 +208,24 @@ def test_bad_inputs_are_named(tmp_path):
         flux.build_modules("flux_fill", transformer, vae, clip, t5_config)
     with pytest.raises(FileNotFoundError, match="no_such_folder"):
         flux.load(str(tmp_path / "no_such_folder"), name="flux_fill")
+
+
+def test_load_checks_every_shape_against_the_configs(fill_pipeline, tmp_path_factory):
+    """A converted folder whose config disagrees with its weights is refused, naming each parameter; a skipped
+    encoder (precomputed embeddings) is not read at all."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tampered") / "jax"
+    source = next(p for p in tmp_path_factory.getbasetemp().glob("flux_fill*/jax"))
+    shutil.copytree(source, folder)
+    config_path = folder / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["num_single_layers"] += 1
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"transformer/single_blocks/.*shape \(2, .*expected \(3, "):
+        flux.load(str(folder), name="flux_fill", t5_length=T5_LENGTH)
+    config["num_single_layers"] -= 1
+    config_path.write_text(json.dumps(config))
+    _, params = flux.load(str(folder), name="flux_fill", t5_length=T5_LENGTH, skip=("text_encoder_2",))
+    assert "text_encoder_2" not in params and "text_encoder" in params

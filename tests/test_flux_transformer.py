@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from jax_inpaint_rl.models import flux_transformer as ft
+from jax_inpaint_rl.models.flux import transformer as ft
 from jax_inpaint_rl.models.params_io import load_params
 from tests.sd15_fixtures import randomize_norms, relative_error
 from tools.convert_weights import common

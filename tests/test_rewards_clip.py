@@ -8,8 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jax_inpaint_rl.models.clip_text import CLIPTextConfig, CLIPTextTransformer  # noqa: E402
-from jax_inpaint_rl.models.clip_vision import ClipVision, ClipVisionConfig  # noqa: E402
+from jax_inpaint_rl.models.layers.clip_text import CLIPTextConfig, CLIPTextTransformer  # noqa: E402
+from jax_inpaint_rl.models.layers.clip_vision import ClipVision, ClipVisionConfig  # noqa: E402
 from jax_inpaint_rl.models.params_io import save_params  # noqa: E402
 from jax_inpaint_rl.rewards import get_reward  # noqa: E402
 from jax_inpaint_rl.rewards.clip_score import preprocess  # noqa: E402

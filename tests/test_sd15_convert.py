@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from jax_inpaint_rl.diffusion import guidance, rollout, schedules, steps
-from jax_inpaint_rl.models import sd15_inpaint
+from jax_inpaint_rl.diffusion import rollout, steps
+from jax_inpaint_rl.models.sd15 import family as sd15_inpaint
 from tests import sd15_fixtures as fx
 from tools.convert_weights.__main__ import main as cli
 from tools.convert_weights.common import ConversionError
@@ -70,11 +70,13 @@ def test_pipeline_matches_diffusers(converted, monkeypatch):
     family, params = sd15_inpaint.load(dst)
 
     def generate(params, tokens, negative_tokens, image, mask, noise):
-        image_cond = family.prepare_condition(params, image, mask)
-        cond = {"positive": {**family.encode_prompt(params, tokens), **image_cond},
-                "negative": {**family.encode_prompt(params, negative_tokens), **image_cond}}
-        trajectory = rollout.rollout(guidance.classifier_free(family.denoise, 7.5), params, cond, noise,
-                                     schedules.ddim_schedule(3), steps.Sampler("ddim", 0.0), jax.random.key(0))
+        inputs = {"image": image, "mask": mask}
+        image_cond = family.prepare_condition(params, inputs)
+        cond = {"positive": {**family.encode_prompt(params, tokens, inputs, {}), **image_cond},
+                "negative": {**family.encode_prompt(params, negative_tokens, inputs, {}), **image_cond}}
+        trajectory = rollout.rollout(family.guidance.guided(family.denoise, 7.5), params, cond, noise,
+                                     family.schedule(3, noise.shape[1:]), steps.Sampler("ddim", 0.0),
+                                     jax.random.key(0))
         return family.decode(params, trajectory.latents[:, -1])
 
     decoded = fx.run_compiled(generate, params, family.tokenize(["a red cat"]), family.tokenize([""]),

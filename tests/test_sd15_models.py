@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from jax_inpaint_rl.models import clip_text, inpaint_utils, sd15_inpaint, unet2d, vae
+from jax_inpaint_rl.models.layers import clip_text
+from jax_inpaint_rl.models.layers import inpaint_utils
+from jax_inpaint_rl.models.sd15 import family as sd15_inpaint
+from jax_inpaint_rl.models.sd15 import unet as unet2d
+from jax_inpaint_rl.models.layers import vae
 from jax_inpaint_rl.models.params_io import flatten, unflatten
 from tests import sd15_fixtures as fx
 from tools.convert_weights import common
@@ -153,13 +157,14 @@ def test_inpaint_utils_follow_diffusers():
 
 def test_tiny_family_runs_end_to_end():
     family, params = sd15_inpaint.tiny(seed=0)
-    assert (family.prediction, family.guidance, family.denoiser_key) == ("epsilon", "cfg", "unet")
+    assert (family.parameterization.name, family.denoiser_key, family.inputs) == ("epsilon", "unet", ("image", "mask"))
+    assert family.guidance.needs_negative and family.schedule(10, None)["model_t"][0] == 901
     tokens = family.tokenize(["a red sign", ""])
     assert tokens["input_ids"].shape == (2, 16) and tokens["input_ids"][1, 1] == 99  # BOS, then EOS
     image = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
     mask = jnp.zeros((2, 32, 32, 1)).at[:, 8:24, 8:24].set(1.0)
-    cond = fx.run_compiled(lambda p, t, i, m: {**family.encode_prompt(p, t), **family.prepare_condition(p, i, m)},
-                           params, tokens, image, mask)
+    cond = fx.run_compiled(lambda p, t, i: {**family.encode_prompt(p, t, i, {}), **family.prepare_condition(p, i)},
+                           params, tokens, {"image": image, "mask": mask})
     shape = family.latent_shape(32, 32)
     assert shape == (8, 8, 4) and cond["mask"].shape == (2, 8, 8, 1) and cond["masked_latents"].shape == (2, *shape)
     x = jax.random.normal(jax.random.key(1), (2, *shape))
@@ -169,7 +174,7 @@ def test_tiny_family_runs_end_to_end():
     with pytest.raises(ValueError, match="multiples of the VAE downscale 4"):
         family.latent_shape(30, 32)
     with pytest.raises(ValueError, match="mask shape"):
-        family.prepare_condition(params, image, mask[:, :16])
+        family.prepare_condition(params, {"image": image, "mask": mask[:, :16]})
 
 
 def test_bfloat16_compute_and_remat_keep_parameter_names():

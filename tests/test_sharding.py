@@ -17,7 +17,7 @@ def _grpo_loss(params, cond, traj, step_index, advantages, schedule, sampler):
     scored = rollout_lib.score_transitions(toy_policy.denoise, params, cond, x, x_next, step_index, schedule,
                                            sampler, traj.window)
     return grpo.grpo_loss(scored.log_prob, old + 0.01, advantages, clip_range=0.2, kl_beta=0.1, mean=scored.mean,
-                          ref_mean=jnp.zeros_like(scored.mean), std=scored.std).loss
+                          ref_mean=jnp.zeros_like(scored.mean), kl_var=scored.std**2).loss
 
 
 def test_sharded_loss_and_gradient_equal_single_device():
@@ -60,7 +60,7 @@ def test_mesh_from_config_and_errors():
 
 
 def _flux_fill_shapes():
-    from jax_inpaint_rl.models import flux_transformer as ft
+    from jax_inpaint_rl.models.flux import transformer as ft
 
     config = dict(in_channels=384, out_channels=64, guidance_embeds=True, num_layers=19, num_single_layers=38,
                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
@@ -71,7 +71,7 @@ def _flux_fill_shapes():
 def test_flux_partition_rules_split_the_full_size_transformer():
     """On the real Flux Fill shapes: tensor rules hit q/k/v (outputs) and out projections (inputs), and
     fsdp x tensor = 8 leaves each device 1/8 of the parameters (up to the replicated vectors)."""
-    from jax_inpaint_rl.models import flux
+    from jax_inpaint_rl.models.flux import family as flux
 
     shapes = _flux_fill_shapes()
     sizes = {"data": 1, "fsdp": 4, "tensor": 2}

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from jax_inpaint_rl.algorithms import trainable
-from jax_inpaint_rl.models import flux_transformer as ft
-from jax_inpaint_rl.models import sd15_inpaint
+from jax_inpaint_rl.models.flux import transformer as ft
+from jax_inpaint_rl.models.sd15 import family as sd15_inpaint
 from tests.test_flux_transformer import REAL as FLUX_REAL
 from tools.convert_weights.sd15 import SD15_TEXT, SD15_UNET, SD15_VAE
 

@@ -8,12 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_inpaint_rl.diffusion import schedules
+from jax_inpaint_rl.diffusion.guidance import BatchedCFG
+from jax_inpaint_rl.diffusion.parameterization import Epsilon, Velocity
 from jax_inpaint_rl.models.family import Family
 
 VOCAB, WIDTH, DOWN = 64, 32, 4
 
 
-def _tokenize(prompts):
+def _tokenize(prompts, inputs=None):
     ids = np.zeros((len(prompts), 8), np.int32)
     for row, prompt in enumerate(prompts):
         words = [sum(map(ord, w)) % (VOCAB - 1) + 1 for w in prompt.lower().split()][:8]
@@ -26,15 +29,15 @@ def _pool(images):
     return images.reshape(b, h // DOWN, DOWN, w // DOWN, DOWN, c).mean(axis=(2, 4))
 
 
-def _encode_prompt(params, tokens):
+def _encode_prompt(params, tokens, inputs, embeddings):
     ids = tokens["ids"]
     embedded = params["text"]["table"][ids] * (ids > 0)[..., None]
     return {"text": embedded.sum(1) / jnp.maximum((ids > 0).sum(1, keepdims=True), 1)}
 
 
-def _prepare_condition(params, image, mask):
-    masked = image * (mask < 0.5)
-    return {"masked": _pool(masked), "mask": _pool(mask)}
+def _prepare_condition(params, inputs):
+    image, mask = inputs["image"], inputs["mask"]
+    return {"masked": _pool(image * (mask < 0.5)), "mask": _pool(mask)}
 
 
 def _denoise(params, x, t, cond):
@@ -58,12 +61,15 @@ def tiny(seed: int = 0, resolution: int = 16, prediction: str = "velocity"):
             "w3": jax.random.normal(keys[3], (WIDTH, 3)) * 0.01, "b3": jnp.zeros(3),
         },
     }
+    schedule = ((lambda steps, shape: schedules.sd3_schedule(steps, 3.0)) if prediction == "velocity"
+                else (lambda steps, shape: schedules.ddim_schedule(steps)))
     family = Family(
-        name="toy", prediction=prediction, guidance="cfg", denoiser_key="denoiser", tokenize=_tokenize,
+        name="toy", parameterization=Velocity() if prediction == "velocity" else Epsilon(), guidance=BatchedCFG(),
+        schedule=schedule, inputs=("image", "mask"), denoiser_key="denoiser", tokenize=_tokenize,
         encode_prompt=_encode_prompt, prepare_condition=_prepare_condition, denoise=_denoise,
         encode_image=lambda params, image: _pool(image),
         decode=lambda params, x: jnp.clip(jnp.repeat(jnp.repeat(x, DOWN, 1), DOWN, 2), -1, 1),
         latent_shape=lambda h, w: (h // DOWN, w // DOWN, 3),
-        tensor_rules=(("/w1$", -1), ("/w2$", -2)),
+        tensor_rules=(("/w1$", -1), ("/w2$", -2)), text_encoders=("text",),
     )
     return family, params

@@ -31,9 +31,15 @@ def group_advantages(rewards, group_ids, num_groups: int, *, baseline: str = "gr
     per_prompt_stat_tracking=False). std: 'batch' (flow_grpo's choice for
     SD3/Flux/Qwen), 'group' (per prompt) or 'none'. `valid` (B,) excludes samples
     (e.g. failed rewards) from every statistic. Population std (ddof 0) throughout.
+    drop_zero_signal: groups with no signal get keep False and advantage 0. With the
+    group baseline a group has signal when its valid rewards are not all equal
+    (max > min, so at least two valid samples); with the batch baseline when some
+    valid reward differs from the batch mean (flow_grpo keeps such groups).
     """
     rewards = rewards.astype(jnp.float32)
     valid = jnp.ones_like(rewards) if valid is None else valid.astype(jnp.float32)
+    is_valid = valid > 0
+    rewards = jnp.where(is_valid, rewards, 0.0)  # an invalid reward (even NaN) touches no statistic
     if baseline == "group":
         center = _group_mean(rewards, group_ids, num_groups, valid)
     elif baseline == "batch":
@@ -52,11 +58,21 @@ def group_advantages(rewards, group_ids, num_groups: int, *, baseline: str = "gr
     else:
         raise ValueError(f"advantage std {std!r}: expected 'group', 'batch' or 'none'")
     advantages = jnp.clip(normalized, -clip, clip)
-    keep = valid > 0
+    keep = is_valid
     if drop_zero_signal:
-        signal = jax.ops.segment_max(jnp.abs(advantages) * valid, group_ids, num_groups) > 0
-        keep = keep & signal[group_ids]
+        keep = keep & _has_signal(rewards, centered, is_valid, group_ids, num_groups, baseline)[group_ids]
     return Advantages(jnp.where(keep, advantages, 0.0), keep)
+
+
+def _has_signal(rewards, centered, is_valid, group_ids, num_groups: int, baseline: str):
+    """(num_groups,) bool. Decided on the rewards, not on the advantages: the fp32 mean of equal rewards (six
+    0.3s) can sit 1 ulp off them, and dividing by a group std of the same size turns that into an advantage
+    far from 0."""
+    if baseline == "group":
+        highest = jax.ops.segment_max(jnp.where(is_valid, rewards, -jnp.inf), group_ids, num_groups)
+        lowest = jax.ops.segment_min(jnp.where(is_valid, rewards, jnp.inf), group_ids, num_groups)
+        return highest > lowest
+    return jax.ops.segment_max(jnp.where(is_valid, jnp.abs(centered), 0.0), group_ids, num_groups) > 0
 
 
 def group_ids_for(num_groups: int, group_size: int):

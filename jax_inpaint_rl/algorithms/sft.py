@@ -1,25 +1,17 @@
-"""Supervised fine-tuning losses (also the seeds' warm-up before RL)."""
+"""Supervised fine-tuning toward the dataset's targets (also the seeds' warm-up before RL).
+
+The algorithm learns from the dataset, not from rollouts (`sampler=None`): each
+micro-batch is `train.minibatch_size` examples (--train_batch_size) with their target
+latents, noised at a fresh time; `gradient_accumulation_steps` micro-batches make
+one optimizer step. Velocity families regress eps - x0 at logit-normal times,
+epsilon families eps at uniform DDPM timesteps (their parameterization decides).
+"""
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from jax_inpaint_rl.diffusion.steps import per_sample
-
-
-def logit_normal_t(key, shape, mean: float = 0.0, std: float = 1.0):
-    """Flow-matching training times t = sigmoid(N(mean, std))."""
-    return jax.nn.sigmoid(mean + std * jax.random.normal(key, shape, jnp.float32))
-
-
-def flow_noisy_latents(x0, eps, t):
-    """x_t = (1 - t) x0 + t eps."""
-    t = per_sample(t, x0)
-    return (1 - t) * x0 + t * eps
-
-
-def ddpm_noisy_latents(x0, eps, alpha_bar_t):
-    """x_t = sqrt(ab) x0 + sqrt(1 - ab) eps."""
-    ab = per_sample(alpha_bar_t, x0)
-    return jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * eps
+from jax_inpaint_rl.algorithms.base import Algorithm, MicroBatch, Policy
 
 
 def region_weights(mask, inside: float = 1.0, outside: float = 1.0):
@@ -28,7 +20,7 @@ def region_weights(mask, inside: float = 1.0, outside: float = 1.0):
 
 
 def sft_loss(prediction, target, weights=None):
-    """Weighted MSE: target = eps - x0 for velocity models, eps for epsilon models.
+    """Weighted MSE between the prediction and its regression target.
 
     With region weights the loss is normalised by the weight sum per sample, so
     a mask-only loss is the mean error inside the mask.
@@ -42,9 +34,34 @@ def sft_loss(prediction, target, weights=None):
     return per_sample_loss.mean()
 
 
-def sft_target(prediction_type: str, x0, eps):
-    if prediction_type == "velocity":
-        return eps - x0
-    if prediction_type == "epsilon":
-        return eps
-    raise ValueError(f"prediction type {prediction_type!r}: expected 'velocity' or 'epsilon'")
+def sft_objective(policy: Policy, params, frozen, batch, key, *, mask_weight_inside: float = 1.0,
+                  mask_weight_outside: float = 1.0):
+    """batch: x0 (B, ...) target latents, cond, optional latent_mask (the mask on the latent grid)."""
+    del frozen
+    param, x0 = policy.parameterization, batch["x0"]
+    t_key, eps_key = jax.random.split(key)
+    t = param.training_time(t_key, x0.shape[0])
+    eps = jax.random.normal(eps_key, x0.shape, jnp.float32)
+    prediction = policy.unguided(params, param.noised(x0, eps, t), t, batch["cond"])
+    weights = None
+    if "latent_mask" in batch and (mask_weight_inside != 1.0 or mask_weight_outside != 1.0):
+        weights = region_weights(batch["latent_mask"], mask_weight_inside, mask_weight_outside)
+    loss = sft_loss(prediction, param.target(x0, eps), weights)
+    return loss, {"loss": loss}
+
+
+def dataset_micro_batches(collected: dict, key):
+    """One pass: every loaded batch is one micro-batch."""
+    del key
+    return [[MicroBatch(batch, {}) for batch in collected["batches"]]]
+
+
+def make(config) -> Algorithm:
+    """SFT from config.sft (mask weights); the trainer loads train.minibatch_size examples per micro-batch."""
+    s = config.sft
+    return Algorithm(
+        name="sft",
+        objective=functools.partial(sft_objective, mask_weight_inside=s.mask_weight_inside,
+                                    mask_weight_outside=s.mask_weight_outside),
+        micro_batches=dataset_micro_batches,
+        needs=("target",))

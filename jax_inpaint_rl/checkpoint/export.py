@@ -4,24 +4,23 @@ An export does not copy the frozen components (VAE, text encoders): they are
 rebuilt from the config (`model.path` for converted weights, or the same tiny
 seed), so the export of a 12B model is only the part that training changed. The
 one exception is a tiny model whose autoencoder was fitted during the run: its
-fitted components are exported as `base`.
+fitted components are exported as `base`. `setup.read_export` rebuilds the
+family from the config and restores what is here.
 """
-import json
 import os
 
 import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
-from jax_inpaint_rl.setup import build_family
-
 CONFIG_FILE = "config.json"
+FITTED = "base"  # components fitted during the run (tiny models' autoencoder)
 
 
 def write_export(directory: str, config: ConfigDict, denoiser_params, ema_params=None, base_params=None) -> None:
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
-    optional = {"denoiser_ema": ema_params, "base": base_params}
+    optional = {"denoiser_ema": ema_params, FITTED: base_params}
     trees = {"denoiser": denoiser_params, **{k: v for k, v in optional.items() if v is not None}}
     checkpointer = ocp.StandardCheckpointer()
     for name, tree in trees.items():
@@ -45,17 +44,7 @@ def read_denoiser(directory: str, like, use_ema: bool = False):
     return _restore(tree_path, like)
 
 
-def read_export(directory: str, use_ema: bool = False):
-    """(family, params, config) with the exported denoiser in place of the base one."""
-    config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path}: not an inference export (written at the end of training in "
-                                "<output_dir>/export)")
-    with open(config_path) as f:
-        config = ConfigDict(json.load(f))
-    family, params = build_family(config)
-    params = {**params, family.denoiser_key: read_denoiser(directory, params[family.denoiser_key], use_ema)}
-    base_path = os.path.join(os.path.abspath(directory), "base")
-    if os.path.isdir(base_path):
-        params = {**params, **_restore(base_path, {k: v for k, v in params.items() if k != family.denoiser_key})}
-    return family, params, config
+def read_trees(directory: str, like) -> dict:
+    """The fitted components of an export (none for converted weights), shaped like `like`."""
+    path = os.path.join(os.path.abspath(directory), FITTED)
+    return _restore(path, like) if os.path.isdir(path) else {}

@@ -5,13 +5,16 @@
 
 PATH is a self_bench folder, a .json / .jsonl / .txt listing, a prepared TFDS
 directory or `tfds:NAME`. Each problem names the file (or record) and what was
-expected; the exit status is 1 if there is any. The training loader runs the same
+expected; the exit status is 1 if there is any. The last line sums up: the kind
+(inpaint / edit / prompts), the example count, the fields every example provides
+(see formats.py) and the problem count. The training loader runs the same
 `validate.find_problems` at start-up.
 """
 import argparse
 import sys
 
-from jax_inpaint_rl.data.formats import DataError, open_source
+from jax_inpaint_rl.data.formats import DataError
+from jax_inpaint_rl.data.sources import open_source
 from jax_inpaint_rl.data.validate import find_problems
 
 
@@ -41,9 +44,18 @@ def main(argv=None) -> int:
         source, problems = None, error.problems
     for problem in problems:
         print(problem)
-    count = len(source) if source is not None else 0
-    print(f"{args.path}: {count} examples, {len(problems)} problem(s)")
+    print(summary(args.path, source, len(problems)))
     return 1 if problems else 0
+
+
+def summary(path: str, source, problem_count: int) -> str:
+    """'PATH: edit set, 12 examples, fields: image, prompt (no mask: ...), 0 problem(s)'."""
+    if source is None:
+        return f"{path}: 0 examples, {problem_count} problem(s)"
+    fields = ", ".join(sorted(source.fields))
+    if "image" in source.fields and "mask" not in source.fields:
+        fields += " (no mask: inpainting families cannot train on it)"
+    return f"{path}: {source.kind} set, {len(source)} examples, fields: {fields}, {problem_count} problem(s)"
 
 
 if __name__ == "__main__":

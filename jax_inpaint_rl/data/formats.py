@@ -12,8 +12,13 @@ An *example* is a host-side dict of numpy values:
 
 A *source* is a random-access sequence of examples (`len`, `source[i]`) that also
 says where each field comes from (`locate(i, field)`, for error messages), its
-`kind` ('inpaint', 'edit' or 'prompts') and the problems found while listing it.
-The loader, the checker and the TFDS builder work on any source.
+`kind` ('inpaint', 'edit' or 'prompts'), the problems found while listing it, and
+its `fields`: the frozenset of example fields that every example has (not None),
+so that a family or an algorithm can say up front what it lacks. Always 'prompt';
+'image', 'mask', 'target', 'target_text' (non-empty) when every example has one;
+`embedding_field(name)` ('embedding:NAME') for every embedding every example has.
+The loader, the checker and the TFDS builder work on any source; sources.py opens
+a path as one.
 
 Formats read here (paths inside a listing are relative to the listing's folder):
 
@@ -77,6 +82,11 @@ class Entry:
     embeddings: dict[str, Path] = dataclasses.field(default_factory=dict)
 
 
+def embedding_field(name: str) -> str:
+    """The `fields` entry saying every example has the precomputed embedding `name`."""
+    return f"embedding:{name}"
+
+
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3); raises DataError naming the file when missing or corrupt."""
     return np.asarray(_decode(path, "RGB", "image"))
@@ -118,6 +128,7 @@ class FileSource:
         self.kind = kind
         self.name = name
         self.listing_problems = list(listing_problems)
+        self.fields = entry_fields(self.entries)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -143,24 +154,17 @@ class FileSource:
         return example
 
 
-def open_source(path: str | Path, kind: str = "auto", **tfds_options):
-    """A source for a self_bench folder, a .json/.jsonl listing, a .txt prompt list,
-    a prepared TFDS folder or 'tfds:NAME' (tfds_options go to tfds_builder.open_tfds)."""
-    if str(path).startswith("tfds:") or (Path(path) / "dataset_info.json").is_file():
-        from jax_inpaint_rl.data import tfds_builder  # imports tensorflow_datasets only when needed
-        return tfds_builder.open_tfds(str(path), **tfds_options)
-    path = Path(path)
-    if path.is_dir():
-        return read_self_bench(path)
-    if not path.is_file():
-        raise DataError([f"{path}: dataset path does not exist (expected a self_bench folder, "
-                         f".json, .jsonl or .txt file, a TFDS folder or tfds:NAME)"])
-    if path.suffix in (".json", ".jsonl"):
-        return read_json(path, kind)
-    if path.suffix == ".txt":
-        return read_prompt_list(path)
-    raise DataError([f"{path}: unknown dataset suffix {path.suffix!r}, expected .json, .jsonl or .txt "
-                     f"(or a folder with {SELF_BENCH_LISTING})"])
+def entry_fields(entries: Sequence[Entry]) -> frozenset[str]:
+    """The fields every entry provides (see the module docstring); only 'prompt' when there are none."""
+    if not entries:
+        return frozenset({"prompt"})
+    fields = {"prompt"}
+    fields.update(field for field in ("image", "mask", "target")
+                  if all(getattr(entry, field) is not None for entry in entries))
+    if all(isinstance(entry.target_text, str) and entry.target_text.strip() for entry in entries):
+        fields.add("target_text")
+    shared = set.intersection(*(set(entry.embeddings) for entry in entries))
+    return frozenset(fields | {embedding_field(name) for name in shared})
 
 
 def read_self_bench(folder: Path) -> FileSource:

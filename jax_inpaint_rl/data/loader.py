@@ -38,7 +38,8 @@ import numpy as np
 from PIL import Image
 
 from jax_inpaint_rl.data import masks
-from jax_inpaint_rl.data.formats import DataError, open_source
+from jax_inpaint_rl.data.formats import DataError
+from jax_inpaint_rl.data.sources import open_source
 from jax_inpaint_rl.data.synthetic import SyntheticSource
 from jax_inpaint_rl.data.validate import find_problems
 
@@ -148,8 +149,10 @@ class Loader:
             raise DataError([f"{source.name}: dataset is empty"])
         if source.kind != "prompts" and resolution is None:
             raise ValueError(f"{source.name} has images: set resolution (int or (height, width))")
-        if style_resolution and source.kind != "inpaint":
-            raise ValueError(f"style_resolution needs masks and targets; {source.name} is a {source.kind} set")
+        lacking = sorted({"mask", "target"} - source.fields)
+        if style_resolution and lacking:
+            raise ValueError(f"style_resolution needs a mask and a target in every example; {source.name} "
+                             f"lacks {lacking} (it provides {sorted(source.fields)})")
         self.source = source
         self.prompts_per_batch, self.group_size = prompts_per_batch, group_size
         self.resolution = (resolution, resolution) if isinstance(resolution, int) else resolution
@@ -169,6 +172,15 @@ class Loader:
         self._queue = None
         self._stop = None
         self._thread = None
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The source's fields, plus 'style_image' when batches carry one."""
+        return self.source.fields | ({"style_image"} if self.style_resolution else set())
 
     def state(self) -> dict:
         """Position after the last batch returned, plus what makes a position mean the same batches."""
@@ -273,15 +285,18 @@ class Loader:
             self._thread, self._queue, self._stop = None, None, None
 
 
-def loaders_from_config(data, *, prompts_per_batch: int, group_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1):
-    """(train, eval or None) loaders for a config's `data` section.
+def loaders_from_config(data, *, prompts_per_batch: int, seed: int, sft_batch_size: int | None = None,
+                        process_index: int = 0, process_count: int = 1):
+    """(train, eval or None, sft or None) loaders for a config's `data` section.
 
     data.format 'synthetic' generates data.num_examples / data.num_eval_examples
     examples at data.resolution (eval with seed + 1); any other format opens
     data.path / data.eval_path with open_source (self_bench folder, JSON / JSONL,
     prompt list, TFDS folder or tfds:NAME; the format is recognised from the path).
-    Eval batches hold prompts_per_batch * group_size distinct prompts in file order.
+    Train batches hold prompts_per_batch prompts per host (the trainer forms the
+    groups), eval batches prompts_per_batch distinct prompts in file order, and
+    SFT batches (when `sft_batch_size` is given) sft_batch_size examples per host,
+    in their own seeded order over the train set.
     """
     if data.format == "synthetic":
         kinds = tuple(data.synthetic_kinds)
@@ -293,7 +308,9 @@ def loaders_from_config(data, *, prompts_per_batch: int, group_size: int, seed: 
         train_source = open_source(data.path)
         eval_source = open_source(data.eval_path) if data.eval_path else None
     hosts = dict(process_index=process_index, process_count=process_count, resolution=data.resolution)
-    train = Loader(train_source, prompts_per_batch=prompts_per_batch, group_size=group_size, seed=seed, **hosts)
-    held_out = (Loader(eval_source, prompts_per_batch=prompts_per_batch * group_size, shuffle=False, **hosts)
+    train = Loader(train_source, prompts_per_batch=prompts_per_batch, seed=seed, **hosts)
+    held_out = (Loader(eval_source, prompts_per_batch=prompts_per_batch, shuffle=False, **hosts)
                 if eval_source is not None else None)
-    return train, held_out
+    sft = (Loader(train_source, prompts_per_batch=sft_batch_size, seed=seed + 1, validate=False, **hosts)
+           if sft_batch_size else None)
+    return train, held_out, sft

@@ -35,6 +35,8 @@ class SyntheticSource:
         if resolution < 16:
             raise ValueError(f"synthetic resolution {resolution}: expected at least 16 px")
         self.num_examples, self.resolution, self.seed, self.kinds = num_examples, resolution, seed, tuple(kinds)
+        text_only = {"target_text"} if set(kinds) == {"text"} else set()  # shape examples have none
+        self.fields = frozenset({"prompt", "image", "mask", "target", *text_only})
         self.name = f"synthetic(seed={seed}, n={num_examples}, {resolution}px)"
 
     def __len__(self) -> int:

@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jax_inpaint_rl.data import masks, validate
-from jax_inpaint_rl.data.formats import DataError
+from jax_inpaint_rl.data.formats import DataError, embedding_field
 
 BUILDER_NAME = "inpaint_dataset"
 
@@ -39,7 +39,8 @@ class InpaintDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, features=features_for(self._source[0]),
-                                     metadata=tfds.core.MetadataDict(kind=self._source.kind),
+                                     metadata=tfds.core.MetadataDict(kind=self._source.kind,
+                                                                     fields=sorted(self._source.fields)),
                                      description=f"Written by jax_inpaint_rl from {self._source.name}",
                                      disable_shuffling=True)
 
@@ -112,6 +113,7 @@ class TfdsSource:
             raise ValueError(f"mask kind {mask_kind!r}: expected one of {masks.MASK_KINDS}")
         self._data, self._features, self.name = data_source, info.features, name
         self.mask_kind, self.prompt_template, self.image_key, self.seed = mask_kind, prompt_template, image_key, seed
+        self.fields = tfds_fields(info, self.kind)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -141,6 +143,24 @@ class TfdsSource:
         if isinstance(feature, tfds.features.ClassLabel):
             return feature.int2str(int(value))
         return _text(value)
+
+
+def tfds_fields(info: tfds.core.DatasetInfo, kind: str) -> frozenset[str]:
+    """The fields every example of a TfdsSource has, from its features and kind (inpaint sets get
+    generated masks). target_text is stored for every example, maybe empty, so it counts only where
+    the writer (InpaintDataset's `fields` metadata) recorded that every example had one."""
+    features = info.features
+    fields = {"prompt"}
+    if kind != "prompts":
+        fields.add("image")
+        fields.update(field for field in ("mask", "target") if field in features)
+        if kind == "inpaint":
+            fields.add("mask")
+    if "target_text" in features and "target_text" in (info.metadata or {}).get("fields", ()):
+        fields.add("target_text")
+    if "embeddings" in features:
+        fields.update(embedding_field(name) for name in features["embeddings"].keys())
+    return frozenset(fields)
 
 
 def open_tfds(path_or_name: str, *, split: str = "train", data_dir: str | None = None, **source_options) -> TfdsSource:

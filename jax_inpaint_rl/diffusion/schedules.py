@@ -4,8 +4,9 @@ Each schedule is a dict of per-step arrays with a leading axis of length
 `num_steps`, so `lax.scan` can slice one step at a time and a training batch can
 gather per-sample steps with `take_steps`:
 - flow matching: `model_t` (what the denoiser receives, sigma in [0, 1]),
-  `sigma`, `sigma_next`, and `sigma_safe` (sigma with the value 1 replaced by the
-  schedule's second sigma, the denominator Flow-GRPO uses to avoid 1/0);
+  `sigma`, `sigma_next`, and `sigma_safe` (sigma with every fp32 value >= 1
+  replaced by the schedule's first fp32 sigma below 1, normally its second sigma:
+  the denominator Flow-GRPO uses to avoid 1/0);
 - DDIM: `model_t` (integer DDPM timestep), `alpha_bar`, `alpha_bar_prev`.
 They match diffusers' FlowMatchEulerDiscreteScheduler and DDIMScheduler as the
 SD3 / Flux / SD1.5 pipelines configure them (tests compare them directly).
@@ -38,7 +39,14 @@ def flux_shift(sigma, mu: float):
 def _flow_schedule(sigmas: np.ndarray) -> Schedule:
     sigmas = np.append(sigmas, 0.0)
     current, following = sigmas[:-1], sigmas[1:]
-    safe = np.where(current == 1.0, sigmas[1], current)
+    # The 1 / (1 - sigma) guard is decided on the fp32 values the steps use: a float64
+    # sigma such as 1 - 1e-9 or 1 + 2e-16 (SD3 shifts below 1 give these) passes a
+    # float64 test but is 1.0 in fp32. Every fp32 sigma >= 1 takes the schedule's first
+    # fp32 sigma below 1: Flow-GRPO's second sigma, unless that too rounds to 1.
+    current32 = current.astype(np.float32)
+    sigmas32 = sigmas.astype(np.float32)
+    replacement = sigmas32[sigmas32 < 1.0][0]  # the appended final 0 is always there
+    safe = np.where(current32 >= 1.0, replacement, current32)
     return {name: jnp.asarray(value, jnp.float32) for name, value in
             dict(model_t=current, sigma=current, sigma_next=following, sigma_safe=safe).items()}
 

@@ -130,6 +130,9 @@ STEP_FUNCTIONS = {
     "ode": ode_step,
     "ddim": ddim_step,
 }
+# what each step reads from the model: a family's parameterization must match (setup.check_family)
+STEP_PREDICTIONS = {"flow_grpo": "velocity", "dance_grpo": "velocity", "cps": "velocity", "ode": "velocity",
+                    "ddim": "epsilon"}
 
 
 @dataclasses.dataclass(frozen=True)

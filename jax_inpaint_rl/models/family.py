@@ -1,39 +1,57 @@
-"""The contract every model family fulfils (`jax_inpaint_rl.setup.FAMILY_MODULES` names them).
+"""The contract every model family fulfils, and the registry that names the families.
 
-A family is a bundle of pure functions over a parameter pytree
-`{'denoiser': ..., 'vae': ..., 'text': ...}` (component names are the family's
-own). The trainer only ever calls these functions, so adding a family never
-touches the loop.
+A family is a value: pure functions over a parameter pytree
+`{'transformer' | 'unet': ..., 'vae': ..., 'text_encoder': ...}` (component names
+are the family's own) plus the values that say how it samples and trains (its
+parameterization, guidance and schedule) and which example fields it reads. The
+trainer only calls these, so adding a family is one folder under `models/` and
+one line in `FAMILIES` (or a "module:factory" name in `model.family`).
 
 Conventions (all arrays channels-last, fp32 unless the config says otherwise):
 - images: (B, H, W, 3) in [-1, 1]; masks: (B, H, W, 1) with 1 = region to fill.
+- `inputs`: the example fields the family conditions on besides the prompt, as
+  device arrays {name: (B, ...)}: 'image' (the source / reference / edit input),
+  'mask', 'style_image'; an edit family reads ('image',), text-to-image ().
 - latents `x`: whatever shape the denoiser works on ((B, h, w, C) for a UNet,
-  packed (B, L, D) tokens for a transformer); `latent_shape` gives it.
+  packed (B, h/2, w/2, 4C) tokens for Flux); `latent_shape` gives it.
 - `t`: per-sample (B,) model time: sigma in [0, 1] for velocity families,
   the integer-valued DDPM timestep for epsilon families.
+- precomputed text embeddings: `text_embeddings` maps an embedding name found in
+  the data (`<name>_embedding_path`) to the params component it replaces;
+  `encode_prompt` uses the embedding instead of running that encoder, which then
+  need not be loaded.
 """
 import dataclasses
 from typing import Any, Callable, Mapping
 
+from jax_inpaint_rl.diffusion.schedules import Schedule
+from jax_inpaint_rl.registry import resolve
+
 Params = Mapping[str, Any]
 Cond = Mapping[str, Any]
+Inputs = Mapping[str, Any]
+INPUT_FIELDS = ("image", "mask", "style_image")
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
     name: str
-    prediction: str  # "epsilon" (DDIM-style schedule) or "velocity" (flow matching)
-    guidance: str  # "cfg" (batch-concatenated uncond/cond) or "embedded" (guidance is a model input)
+    parameterization: Any  # diffusion.parameterization.Velocity() | Epsilon(): x_t, targets, x0 estimates
+    guidance: Any  # diffusion.guidance.BatchedCFG() | EmbeddedGuidance() | TrueCFG(): how the scale enters
+    # (num_steps, latent_shape) -> the sampling schedule (diffusion/schedules.py)
+    schedule: Callable[[int, tuple[int, ...]], Schedule]
+    inputs: tuple[str, ...]  # example fields read besides the prompt, a subset of INPUT_FIELDS
     denoiser_key: str  # the params entry that RL trains ("unet", "transformer")
-    # host side: prompts -> integer token arrays for every text encoder
-    tokenize: Callable[[list[str]], dict[str, Any]]
-    # (params, tokens) -> text conditioning pytree (batch-leading arrays)
-    encode_prompt: Callable[[Params, dict[str, Any]], Cond]
-    # (params, image, mask) -> image conditioning pytree (masked-image latents, mask ...)
-    prepare_condition: Callable[[Params, Any, Any], Cond]
+    # host side: (prompts, host inputs) -> integer token arrays for every text encoder
+    tokenize: Callable[[list[str], Inputs], dict[str, Any]]
+    # (params, tokens, inputs, precomputed embeddings {name: (B, ...)}) -> text conditioning (batch-leading);
+    # `inputs` lets an encoder that sees the image (a VLM) read it
+    encode_prompt: Callable[[Params, dict[str, Any], Inputs, Mapping[str, Any]], Cond]
+    # (params, inputs) -> image conditioning pytree (masked-image latents, mask, reference latents ...)
+    prepare_condition: Callable[[Params, Inputs], Cond]
     # (params, x, t, cond) -> epsilon or velocity, without guidance; cond = text | image (| guidance)
     denoise: Callable[[Params, Any, Any, Cond], Any]
-    # (params, image) -> clean latents x0 in the denoiser's layout (SFT / NFT / DPO targets)
+    # (params, image) -> clean latents x0 in the denoiser's layout (SFT targets, one-step GRPO)
     encode_image: Callable[[Params, Any], Any]
     # (params, x0) -> images in [-1, 1]
     decode: Callable[[Params, Any], Any]
@@ -41,3 +59,32 @@ class Family:
     latent_shape: Callable[[int, int], tuple[int, ...]]
     # (regex on a denoiser parameter path, axis split over the mesh's 'tensor' axis); see parallel/partition.py
     tensor_rules: tuple[tuple[str, int], ...] = ()
+    # the params components only `encode_prompt` uses (model.offload_text_encoders keeps them in host memory)
+    text_encoders: tuple[str, ...] = ()
+    # precomputed embedding name -> the text encoder (a `text_encoders` entry) it stands in for
+    text_embeddings: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = set(self.inputs) - set(INPUT_FIELDS)
+        if unknown:
+            raise ValueError(f"family {self.name}: inputs {sorted(unknown)} unknown; expected a subset of "
+                             f"{INPUT_FIELDS}")
+        if not set(self.text_embeddings.values()) <= set(self.text_encoders):
+            raise ValueError(f"family {self.name}: text_embeddings {dict(self.text_embeddings)} name components "
+                             f"outside text_encoders {self.text_encoders}")
+
+
+# name -> "module:factory"; factory(name, *, path (None: the tiny model), seed, dtype, remat, embeddings)
+# -> (Family, params), where `embeddings` names the precomputed text embeddings every example supplies (the
+# encoders they replace are not loaded)
+FAMILIES = {
+    "sd15_inpaint": "jax_inpaint_rl.models.sd15.family:build",
+    "flux_fill": "jax_inpaint_rl.models.flux.family:build",
+    "flux_kontext": "jax_inpaint_rl.models.flux.family:build",
+    "flux_dev": "jax_inpaint_rl.models.flux.family:build",
+}
+
+
+def factory(name: str) -> Callable[..., tuple[Family, dict]]:
+    """The builder registered as `name`, or named directly as "package.module:function"."""
+    return resolve(name, FAMILIES, "model.family")

@@ -45,16 +45,20 @@ def save_params(path: str, tree: Mapping[str, Any], metadata: Mapping[str, str] 
     save_file(flat, path, metadata=dict(metadata or {}))
 
 
-def load_params(path: str | os.PathLike) -> dict[str, Any]:
+def load_params(path: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a parameter tree written by `save_params` (or a converter) as numpy arrays.
 
     A folder is read as every `*.safetensors` file inside it (sharded output).
+    Top-level components named in `skip` are not read (e.g. a text encoder whose
+    outputs the dataset supplies precomputed).
     """
     files = _safetensors_files(path)
     flat = {}
     for file in files:
         with safe_open(file, framework="numpy") as reader:
             for key in reader.keys():
+                if key.split(SEP, 1)[0] in skip:
+                    continue
                 if key in flat:
                     raise ValueError(f"{file}: key {key!r} appears in more than one shard")
                 flat[key] = reader.get_tensor(key)
@@ -82,3 +86,17 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: config file not found") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def check_shapes(source: str, params: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    """Raise naming every missing, unexpected or mis-shaped parameter of `params` against `expected`
+    (trees of arrays or ShapeDtypeStructs)."""
+    shape = lambda leaf: tuple(getattr(leaf, "shape", np.shape(leaf)))  # noqa: E731
+    got = {path: shape(leaf) for path, leaf in flatten(params).items()}
+    want = {path: shape(leaf) for path, leaf in flatten(expected).items()}
+    problems = [f"missing {p}" for p in sorted(want.keys() - got.keys())]
+    problems += [f"unexpected {p}" for p in sorted(got.keys() - want.keys())]
+    problems += [f"{p}: shape {got[p]}, expected {want[p]}" for p in sorted(got.keys() & want.keys())
+                 if got[p] != want[p]]
+    if problems:
+        raise ValueError(f"{source}: parameters do not match the configs:\n  " + "\n  ".join(problems))

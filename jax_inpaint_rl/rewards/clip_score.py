@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jax_inpaint_rl.models.clip_text import CLIPTextConfig, CLIPTextTransformer, load_tokenizer, tokenize
-from jax_inpaint_rl.models.clip_vision import ClipVision, ClipVisionConfig
+from jax_inpaint_rl.models.layers.clip_text import CLIPTextConfig, CLIPTextTransformer, load_tokenizer, tokenize
+from jax_inpaint_rl.models.layers.clip_vision import ClipVision, ClipVisionConfig
 from jax_inpaint_rl.models.params_io import load_params, read_json
 from jax_inpaint_rl.rewards.base import Meta, Scores, check_images, check_prompts, meta_image, meta_texts
 

@@ -10,15 +10,17 @@ independently on each side, since only speed is compared.
 import dataclasses
 from typing import Any, Callable
 
-import jax
 import numpy as np
 
-from jax_inpaint_rl.models import flux, flux_transformer, sd15_inpaint
-from jax_inpaint_rl.models.clip_text import CLIPTextConfig
+from jax_inpaint_rl.models.flux import family as flux
+from jax_inpaint_rl.models.flux import transformer as flux_transformer
+from jax_inpaint_rl.models.sd15 import family as sd15_inpaint
+from jax_inpaint_rl.models.layers.clip_text import CLIPTextConfig
 from jax_inpaint_rl.models.family import Family
-from jax_inpaint_rl.models.flux_transformer import FluxConfig
-from jax_inpaint_rl.models.t5 import T5Config
-from jax_inpaint_rl.models.vae import VAEConfig
+from jax_inpaint_rl.models.random_init import random_params
+from jax_inpaint_rl.models.flux.transformer import FluxConfig
+from jax_inpaint_rl.models.layers.t5 import T5Config
+from jax_inpaint_rl.models.layers.vae import VAEConfig
 from tools.convert_weights.sd15 import SD15_TEXT, SD15_UNET, SD15_VAE
 
 SIZES = ("tiny", "full")
@@ -59,8 +61,8 @@ def sd15_inpaint_model(size: str, resolution: int, dtype: str, remat: bool) -> M
 
     return Model(
         name="sd15_inpaint", size=size, family=family, denoiser_config=dict(unet),
-        param_shapes=lambda: jax.eval_shape(lambda: sd15_inpaint.init_params(modules, jax.random.key(0)))["unet"],
-        host_params=(lambda seed: sd15_inpaint.random_params(modules, seed)["unet"]) if size == "tiny" else None,
+        param_shapes=lambda: modules.param_shapes()["unet"],
+        host_params=(lambda seed: random_params(modules.param_shapes()["unet"], seed)) if size == "tiny" else None,
         conditioning=conditioning)
 
 
@@ -88,7 +90,7 @@ def flux_fill_model(size: str, resolution: int, dtype: str, remat: bool) -> Mode
                 "fill": _normal(rng, (batch, height, width, fill_channels))}
 
     def host_params(seed):
-        return jax.tree.map(lambda a: a.astype(dtype), flux.random_params(flux_transformer.param_shapes(config), seed))
+        return random_params(flux_transformer.param_shapes(config), seed, dtype)
 
     return Model(
         name="flux_fill", size=size, family=family, denoiser_config=dataclasses.asdict(config),

@@ -1,5 +1,5 @@
 """Our side: the library's jitted rollout and update programs (jax_inpaint_rl/programs.py), built and fed
-as jax_inpaint_rl/train.py builds and feeds them, on random weights created on the device."""
+as the trainer (jax_inpaint_rl/trainer/) builds and feeds them, on random weights created on the device."""
 import functools
 import time
 from typing import Any, Callable
@@ -8,23 +8,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_inpaint_rl import programs, train
-from jax_inpaint_rl.algorithms import grpo, objectives
+from jax_inpaint_rl import algorithms, programs
 from jax_inpaint_rl.algorithms import trainable as trainable_lib
+from jax_inpaint_rl.algorithms.base import Policy
+from jax_inpaint_rl.trainer.run import initial_state
 from jax_inpaint_rl.diffusion import rollout as rollout_lib
 from jax_inpaint_rl.diffusion.steps import Sampler
+from jax_inpaint_rl.models import random_init
 from tools.bench import measure
 from tools.bench.models import Model
 
 
 def _random_leaf(key, name: str, shape, dtype):
-    """The library's tiny-weight rule: kernels and embeddings N(0, 1 / fan_in), biases 0, norm scales 1."""
-    if name == "bias":
-        return jnp.zeros(shape, dtype)
-    if name == "scale":
-        return jnp.ones(shape, dtype)
-    fan_in = shape[-2] * (shape[0] * shape[1] if len(shape) == 4 else 1) if name == "kernel" else shape[-1]
-    return (jax.random.normal(key, shape, jnp.float32) / np.sqrt(fan_in)).astype(dtype)
+    """The library's random-weight rule (models/random_init.py), drawn with jax.random on the device."""
+    if name in random_init.CONSTANT_LEAVES:
+        return jnp.full(shape, random_init.CONSTANT_LEAVES[name], dtype)
+    return (jax.random.normal(key, shape, jnp.float32) * random_init.leaf_std(name, tuple(shape))).astype(dtype)
 
 
 def device_random_params(shapes, dtype, device) -> Callable[[int], Any]:
@@ -49,10 +48,10 @@ def params_builder(model: Model, dtype, device) -> Callable[[int], Any]:
     return device_random_params(model.param_shapes(), dtype, device)
 
 
-def make_policy(model: Model, config, latent_shape) -> objectives.Policy:
+def make_policy(model: Model, config, latent_shape) -> Policy:
     s = config.sample
-    schedule = programs.make_schedule(model.family, config, s.num_steps, latent_shape)
-    return programs.make_policy(model.family, config, schedule, Sampler(s.sampler, s.noise_level), s.guidance_scale)
+    return programs.make_policy(model.family, model.family.schedule(s.num_steps, latent_shape),
+                                Sampler(s.sampler, s.noise_level), s.guidance_scale)
 
 
 def compile_program(jitted, *args):
@@ -64,43 +63,43 @@ def compile_program(jitted, *args):
 
 
 def measure_rollout(policy, config, denoiser, cond, x_init, key, window, repeats: int):
-    """Timings of the whole N-step rollout program (one lax.scan) and its last trajectory."""
+    """Timings of the whole N-step rollout program (one lax.scan) and its samples."""
     merge, base, trainable = trainable_lib.build(config.train, denoiser, jax.random.fold_in(key, 1))
-    args = (base, trainable, cond, x_init, key, window)
+    args = (base, trainable, cond, {"noise": x_init}, key, window)
     compiled, compile_s, _ = compile_program(programs.make_sample(policy, merge), *args)
-    timings, trajectory = measure.timed_runs(lambda: compiled(*args), jax.block_until_ready, repeats, "ours rollout")
-    return {"compile_s": compile_s, **timings, "images_per_s": x_init.shape[0] / timings["median_s"]}, trajectory
+    timings, (samples, _) = measure.timed_runs(lambda: compiled(*args), jax.block_until_ready, repeats,
+                                               "ours rollout")
+    return {"compile_s": compile_s, **timings, "images_per_s": x_init.shape[0] / timings["median_s"]}, samples
 
 
-def update_batch(config, trajectory, cond, advantages, key) -> dict:
-    """One minibatch as train.Run._policy_updates builds it: the whole rollout, one trained step per sample."""
-    batch = advantages.shape[0]
-    step_index = grpo.train_step_indices(key, batch, np.asarray(trajectory.window), config.train.timestep_fraction,
-                                         config.train.timestep_mode)[:, 0]
-    return {"latents": trajectory.latents, "log_probs": trajectory.log_probs, "window": trajectory.window,
-            "cond": cond, "advantages": advantages, "weight": jnp.ones((batch,), jnp.float32),
-            "step_index": step_index}
+def update_micro_batch(algorithm, samples, cond, advantages, window, key):
+    """The first micro-batch the algorithm's own `micro_batches` makes of this rollout (one trained step per
+    sample: the bench config sets timestep_mode 'one' and minibatch_size = the batch)."""
+    collected = {"samples": samples, "cond": cond, "advantages": advantages,
+                 "keep": jnp.ones(advantages.shape, bool), "train_window": np.asarray(window)}
+    return algorithm.micro_batches(collected, key)[0][0]
 
 
-def measure_update(method: str, config, policy, denoiser, batch, key, repeats: int) -> dict:
+def measure_update(algorithm, config, policy, denoiser, micro_batch, key, repeats: int) -> dict:
     """Timings and FLOPs of one optimizer step: programs.make_accumulate on one micro-batch, then make_apply,
-    as train.Run._micro_step runs them at the end of an accumulation window."""
+    as trainer/update.py runs them at the end of an accumulation window."""
     merge, base, trainable = trainable_lib.build(config.train, denoiser, jax.random.fold_in(key, 1))
-    optimizer = programs.make_optimizer(config.train.learning_rate, config)
-    state = train.initial_state(trainable, optimizer, config, jax.random.fold_in(key, 2))  # its own buffer: donated
+    optimizer = programs.make_optimizer(config.train)
+    state = initial_state(trainable, optimizer, algorithm.slots, False, jax.random.fold_in(key, 2))  # donated
     state_sharding = jax.tree.map(lambda a: a.sharding, state)
-    objective = objectives.from_config(method, config.train)
+    batch, steps = micro_batch
     accumulate, accumulate_s, accumulate_jaxpr = compile_program(
-        programs.make_accumulate(policy, objective, merge, state_sharding), state, base, batch, key)
-    apply, apply_s, apply_jaxpr = compile_program(programs.make_apply(optimizer, config.ema, state_sharding), state)
+        programs.make_accumulate(policy, algorithm.objective, merge, state_sharding), state, base, batch, steps, key)
+    apply, apply_s, apply_jaxpr = compile_program(
+        programs.make_apply(optimizer, config.ema, algorithm.after_step, state_sharding), state)
     carried = {"state": state}
 
     def step():
-        carried["state"], _ = accumulate(carried["state"], base, batch, key)  # both programs donate the state
+        carried["state"], _ = accumulate(carried["state"], base, batch, steps, key)  # both programs donate it
         carried["state"] = apply(carried["state"])
         return carried["state"]
 
-    timings, _ = measure.timed_runs(step, jax.block_until_ready, repeats, f"ours {method} update")
+    timings, _ = measure.timed_runs(step, jax.block_until_ready, repeats, f"ours {algorithm.name} update")
     return {"compile_s": accumulate_s + apply_s, **timings,
             **measure.program_flops([(accumulate, accumulate_jaxpr), (apply, apply_jaxpr)])}
 
@@ -140,9 +139,10 @@ def run(model: Model, configs: dict, inputs: dict, args, device) -> dict:
         return measured
 
     def update_phase(method, config):
-        batch = update_batch(config, trajectory, cond, advantages, key)
-        policy_for_method = make_policy(model, config, latent_shape)
-        return measure_update(method, config, policy_for_method, fresh_params(), batch, key, args.repeats)
+        algorithm = algorithms.make(method, config)
+        micro_batch = update_micro_batch(algorithm, trajectory, cond, advantages, window, key)
+        return measure_update(algorithm, config, make_policy(model, config, latent_shape), fresh_params(),
+                              micro_batch, key, args.repeats)
 
     results["rollout"] = guarded(rollout_phase)
     for method, config in configs.items():

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
-from jax_inpaint_rl import programs
-from jax_inpaint_rl.models import flux
+from jax_inpaint_rl.models.flux import family as flux
 from tools.bench import measure
 from tools.bench.models import Model
 
@@ -171,16 +170,16 @@ def _optimizer_step(net, optimizer, loss, max_grad_norm: float) -> torch.Tensor:
     return loss.detach()
 
 
-def grpo_update(runner, net, optimizer, denoise, step, tables, batch, train_config) -> torch.Tensor:
+def grpo_update(runner, net, optimizer, denoise, step, tables, batch, config) -> torch.Tensor:
     """PPO-clip on one stored step per sample: re-score x_j -> x_{j+1} under the current weights."""
-    t = train_config
+    t, clip_range = config.train, config.grpo.clip_range
     index = batch["step_index"]
     rows = torch.arange(index.shape[0], device=index.device)
     x, x_next = batch["latents"][rows, index], batch["latents"][rows, index + 1]
     _, log_prob = step(denoise(runner, x, tables["model_t"][index]), x, tables, index, next_sample=x_next)
     advantages = batch["advantages"].clamp(-t.adv_clip_max, t.adv_clip_max)
     ratio = torch.exp(log_prob - batch["log_probs"][rows, index])
-    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - t.clip_range, 1 + t.clip_range)).mean()
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
     return _optimizer_step(net, optimizer, loss, t.max_grad_norm)
 
 
@@ -191,10 +190,10 @@ def _x0_loss(x0_prediction, x0):
     return ((x0_prediction - x0) ** 2).mean(dim=dims) / weight
 
 
-def nft_update(runner, old_runner, net, optimizer, denoise, tables, batch, train_config) -> torch.Tensor:
+def nft_update(runner, old_runner, net, optimizer, denoise, tables, batch, config) -> torch.Tensor:
     """DiffusionNFT: re-noise the clean sample at a rollout sigma; pull v+ toward it where the advantage is
     high and v- where it is low."""
-    t = train_config
+    t, beta = config.train, config.nft.beta
     x0 = batch["latents"][:, -1]
     sigma_flat = tables["sigma"][batch["step_index"]]
     sigma = sigma_flat.view(-1, *([1] * (x0.ndim - 1)))
@@ -202,10 +201,10 @@ def nft_update(runner, old_runner, net, optimizer, denoise, tables, batch, train
     with torch.no_grad():
         v_old = denoise(old_runner, x_t, sigma_flat)
     v = denoise(runner, x_t, sigma_flat)
-    v_plus, v_minus = t.nft_beta * v + (1 - t.nft_beta) * v_old, (1 + t.nft_beta) * v_old - t.nft_beta * v
+    v_plus, v_minus = beta * v + (1 - beta) * v_old, (1 + beta) * v_old - beta * v
     r = (batch["advantages"].clamp(-t.adv_clip_max, t.adv_clip_max) / t.adv_clip_max / 2 + 0.5).clamp(0, 1)
     per_sample = r * _x0_loss(x_t - sigma * v_plus, x0) + (1 - r) * _x0_loss(x_t - sigma * v_minus, x0)
-    loss = (t.adv_clip_max * per_sample / t.nft_beta).mean()
+    loss = (t.adv_clip_max * per_sample / beta).mean()
     return _optimizer_step(net, optimizer, loss, t.max_grad_norm)
 
 
@@ -252,7 +251,7 @@ def run_variant(net, compiled: bool, model: Model, configs: dict, inputs: dict, 
     rollout_config = configs["grpo"]
     s = rollout_config.sample
     x_init, cond = INPUTS[model.name](inputs, TORCH_DTYPES[args.dtype], device, s.guidance_scale)
-    schedule = programs.make_schedule(model.family, rollout_config, s.num_steps, inputs["x_init"].shape[1:])
+    schedule = model.family.schedule(s.num_steps, inputs["x_init"].shape[1:])
     tables = coefficient_tables(schedule, device)
     if s.sampler not in STEPS:
         raise ValueError(f"sample.sampler={s.sampler!r}: the torch reference implements {sorted(STEPS)}")
@@ -276,12 +275,12 @@ def run_variant(net, compiled: bool, model: Model, configs: dict, inputs: dict, 
                  "step_index": torch.randint(0, s.num_steps, (x_init.shape[0],), device=device)}
         optimizer = make_optimizer(net, config.train)
         if method == "grpo":
-            update = functools.partial(grpo_update, runner, net, optimizer, denoise, step, tables, batch, config.train)
+            update = functools.partial(grpo_update, runner, net, optimizer, denoise, step, tables, batch, config)
         else:
             old = copy.deepcopy(net).requires_grad_(False)
             old_runner = torch.compile(old) if compiled else old
             update = functools.partial(nft_update, runner, old_runner, net, optimizer, denoise, tables, batch,
-                                       config.train)
+                                       config)
         timings, _ = measure.timed_runs(update, sync, args.repeats, f"{label} {method} update")
         return timings
 

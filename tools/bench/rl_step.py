@@ -88,8 +88,9 @@ def bench_config(recipe: str, args):
     config.sample.window_size = 0
     config.model.compute_dtype = config.model.param_dtype = args.dtype
     config.ema.enabled = False
-    config.train.kl_beta = 0.0
+    config.grpo.kl_beta = config.nft.kl_beta = 0.0
     config.train.trainable = "full"
+    config.train.minibatch_size, config.train.timestep_mode, config.train.inner_epochs = args.batch, "one", 1
     return config
 
 

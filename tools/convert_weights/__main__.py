@@ -9,9 +9,9 @@ import importlib
 SUBCOMMANDS = {
     "sd15-inpaint": "tools.convert_weights.sd15",
     "export-sd15": "tools.convert_weights.sd15_export",
-    "flux-fill": "tools.convert_weights.flux",
-    "flux-kontext": "tools.convert_weights.flux",
-    "flux-dev": "tools.convert_weights.flux",
+    "flux-fill": "tools.convert_weights.flux_cli",
+    "flux-kontext": "tools.convert_weights.flux_cli",
+    "flux-dev": "tools.convert_weights.flux_cli",
     "export-flux": "tools.convert_weights.flux_export",
 }
 

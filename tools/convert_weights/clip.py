@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_inpaint_rl.models.clip_text import CLIPTextConfig, CLIPTextTransformer, init_params
-from jax_inpaint_rl.models.clip_vision import ClipVision, ClipVisionConfig
+from jax_inpaint_rl.models.layers.clip_text import CLIPTextConfig, CLIPTextTransformer, init_params
+from jax_inpaint_rl.models.layers.clip_vision import ClipVision, ClipVisionConfig
 from jax_inpaint_rl.models.params_io import flatten, save_params, unflatten
 from tools.convert_weights import common
 from tools.convert_weights.common import Rule, conv_to_flax, identity, linear_to_flax

@@ -48,7 +48,7 @@ def transformer2d_rules(torch_prefix: str, flax_prefix: str, use_linear_projecti
 
 
 def unet_rules(use_linear_projection: bool) -> list[Rule]:
-    """diffusers UNet2DConditionModel -> jax_inpaint_rl.models.unet2d."""
+    """diffusers UNet2DConditionModel -> jax_inpaint_rl.models.sd15.unet."""
     blocks_t, blocks_f = r"(?P<blocks>down_blocks|up_blocks)\.(?P<b>\d+)", r"\g<blocks>_\g<b>"
     return [
         *module("conv_in", "conv_in", "conv"),
@@ -66,7 +66,7 @@ def unet_rules(use_linear_projection: bool) -> list[Rule]:
 
 
 def vae_rules() -> list[Rule]:
-    """diffusers AutoencoderKL -> jax_inpaint_rl.models.vae (old attention names query/key/value/proj_attn too)."""
+    """diffusers AutoencoderKL -> models.layers.vae (old attention names query/key/value/proj_attn too)."""
     part = r"(?P<part>encoder|decoder)"
     mid_attention_t, mid_attention_f = rf"{part}\.mid_block\.attentions\.0", r"\g<part>/mid_block/attentions_0"
     return [
@@ -87,7 +87,7 @@ def vae_rules() -> list[Rule]:
 
 
 def clip_text_rules() -> list[Rule]:
-    """transformers CLIPTextModel -> jax_inpaint_rl.models.clip_text.
+    """transformers CLIPTextModel -> jax_inpaint_rl.models.layers.clip_text.
 
     Checkpoints written by transformers < 5 prefix every key with `text_model.`; 5.x does not: both read.
     """

@@ -1,7 +1,9 @@
-"""Flux.1 Fill / dev / Kontext checkpoints -> a folder `jax_inpaint_rl.models.flux.load` reads, and back.
+"""Flux.1 Fill / dev / Kontext checkpoints -> a folder `jax_inpaint_rl.models.flux.family.load` reads, and back.
 
-    python -m tools.convert_weights flux-fill|flux-kontext|flux-dev --src SRC --dst DST
-        [--transformer FILE_OR_DIR] [--dtype float32|bfloat16|float16] [--verify]
+The conversion library behind `python -m tools.convert_weights flux-fill|flux-kontext|flux-dev` (the command
+line is flux_cli.py, which also runs the model check of flux_verify.py for --verify; both import this module,
+which imports neither): key tables, `Component` (one model of the pipeline and where its tensors go),
+`convert_component` / `verify_component`, `convert_pipeline`, and the export back to diffusers.
 
 SRC is a diffusers pipeline folder (transformer/, vae/, text_encoder/ (CLIP), text_encoder_2/ (T5),
 tokenizer/, tokenizer_2/, scheduler/). The transformer may instead come from the original single file
@@ -17,23 +19,22 @@ Output folder:
   transformer/, vae/, text_encoder/, text_encoder_2/   config.json of each source component
   tokenizer/, tokenizer_2/, scheduler/                  copied from the source
   <family>.json                      {"family", "dtype", "source"}
-`--verify` re-reads every source tensor and checks the written one equals it (after the dtype cast), then
-runs each component in torch and in Flax on the same seeded inputs (the transformer and T5 one block at a
-time; see flux_verify.py) and fails when an output's relative error exceeds --tolerance (1e-4).
-`python -m tools.convert_weights export-flux` (flux_export.py) writes the transformer back to diffusers.
+The tensor check (`verify_component`, `convert_pipeline(check_tensors=True)`) re-reads every source tensor
+and checks the written one equals it (after the dtype cast); the model check (flux_verify.py) then runs each
+component in torch and in Flax on the same seeded inputs. `export_transformer` / `write_diffusers_transformer`
+write the transformer back to diffusers (`python -m tools.convert_weights export-flux`, flux_export.py).
 
 Memory: the 12B transformer converts one tensor at a time. Source tensors are read with plain file
 reads (no mmap, so nothing lingers in the resident set), transformed, and written straight into their
-slot of an output safetensors file whose header is laid out up front from the model's expected shapes;
-per-layer torch tensors land in their row of the stacked (scanned) Flax arrays. Peak memory is a few
-copies of the largest single tensor. `export_transformer` streams the other way, to diffusers' layout.
+slot of an output safetensors file whose header is laid out up front from the model's expected shapes
+(streaming.py); per-layer torch tensors land in their row of the stacked (scanned) Flax arrays. Peak memory
+is a few copies of the largest single tensor. `export_transformer` streams the other way, to diffusers' layout.
 """
 import dataclasses
 import functools
 import json
 import os
 import re
-import struct
 from typing import Callable, Iterator, Mapping
 
 import ml_dtypes
@@ -42,97 +43,9 @@ import numpy as np
 from jax_inpaint_rl.models.params_io import read_json
 from tools.convert_weights import common
 from tools.convert_weights.common import Rule, identity, linear_to_flax
+from tools.convert_weights.streaming import DTYPES, TensorFileWriter, iter_files, read_header, read_rows
 
-# --- safetensors, one tensor at a time -----------------------------------------------------------
-
-DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 OUTPUT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-
-
-def read_header(path: str) -> tuple[dict, int]:
-    """{key: {'dtype', 'shape', 'data_offsets'}} and the byte offset where tensor data starts."""
-    try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: safetensors file not found") from None
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a safetensors file ({err})") from None
-    header.pop("__metadata__", None)
-    return header, 8 + size
-
-
-def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (key, array) in file order, reading each tensor with one plain read."""
-    header, start = read_header(path)
-    with open(path, "rb") as f:
-        for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            begin, end = entry["data_offsets"]
-            if entry["dtype"] not in DTYPES:
-                raise ValueError(f"{path}: {key} has dtype {entry['dtype']}; expected one of {sorted(DTYPES)}")
-            f.seek(start + begin)
-            buffer = bytearray(end - begin)
-            f.readinto(buffer)
-            yield key, np.frombuffer(buffer, DTYPES[entry["dtype"]]).reshape(entry["shape"])
-
-
-class TensorFileWriter:
-    """A safetensors file written slot by slot: the header (from expected shapes) first, then any order.
-
-    `write(key, array, index)` fills row `index` of a stacked tensor (or the whole
-    tensor when index is None); `close()` checks every row of every tensor arrived.
-    """
-
-    def __init__(self, path: str, shapes: Mapping[str, tuple[int, ...]], dtype, metadata=None):
-        self.path, self.dtype = path, np.dtype(dtype)
-        self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
-        header, offset, self.offsets = {}, 0, {}
-        for key in sorted(self.shapes):
-            size = int(np.prod(self.shapes[key], dtype=np.int64)) * self.dtype.itemsize
-            header[key] = {"dtype": CODES[self.dtype], "shape": list(self.shapes[key]),
-                           "data_offsets": [offset, offset + size]}
-            self.offsets[key] = offset
-            offset += size
-        if metadata:
-            header["__metadata__"] = dict(metadata)
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        self.data_start = 8 + len(blob)
-        self.pending = {k: set(range(s[0])) if s else {None} for k, s in self.shapes.items()}
-        self.stacked: set[str] = set()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(blob)) + blob)
-        self.file.truncate(self.data_start + offset)
-
-    def write(self, key: str, array: np.ndarray, index: int | None = None) -> None:
-        shape = self.shapes[key]
-        if index is None:
-            if tuple(array.shape) != shape:
-                raise ValueError(f"{self.path}: {key} got shape {array.shape}, expected {shape}")
-            self.file.seek(self.data_start + self.offsets[key])
-            self.pending[key] = set()
-        else:
-            if tuple(array.shape) != shape[1:] or not 0 <= index < shape[0]:
-                raise ValueError(f"{self.path}: {key}[{index}] got shape {array.shape}, expected {shape[1:]} "
-                                 f"with index < {shape[0]}")
-            row = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
-            self.file.seek(self.data_start + self.offsets[key] + index * row)
-            self.pending[key].discard(index)
-        self.file.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
-
-    def close(self) -> None:
-        self.file.close()
-        unwritten = sorted(f"{k}[{sorted(v)}]" for k, v in self.pending.items() if v)
-        if unwritten:
-            raise common.ConversionError(f"{self.path}: tensors never written: {unwritten}")
-
-    def abort(self) -> None:
-        self.file.close()
-        os.remove(self.path)
 
 
 # --- stacked (scanned) layers ----------------------------------------------------------------------
@@ -318,11 +231,6 @@ def safetensors_files(folder: str, what: str) -> list[str]:
     return files
 
 
-def iter_files(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    for path in files:
-        yield from iter_tensors(path)
-
-
 def write_params(source: str, tensors, rules: list[Rule], stacked_shapes: Mapping[str, tuple], stacks,
                  out_path: str, dtype, metadata=None, prefix: str = "") -> None:
     """Stream converted tensors into their slots of `out_path` (keys `prefix/path`); on any problem remove
@@ -383,7 +291,7 @@ class Component:
 
 def transformer_component(src: str, axes_dims_rope=None) -> Component:
     """A diffusers transformer folder, or an original single file (renamed and split on the fly)."""
-    from jax_inpaint_rl.models import flux_transformer
+    from jax_inpaint_rl.models.flux import transformer as flux_transformer
 
     if os.path.isdir(src):
         config = read_json(os.path.join(src, "config.json"))
@@ -402,7 +310,7 @@ def transformer_component(src: str, axes_dims_rope=None) -> Component:
 
 def t5_component(src: str) -> Component:
     """transformers T5EncoderModel folder; a stored tied copy of the embedding is dropped."""
-    from jax_inpaint_rl.models import t5
+    from jax_inpaint_rl.models.layers import t5
 
     config = read_json(os.path.join(src, "config.json"))
     files = tuple(safetensors_files(src, "T5 encoder"))
@@ -416,7 +324,7 @@ def vae_component(src: str) -> Component:
     """diffusers AutoencoderKL folder (Flux: 16 channels, shift factor, no quant convs)."""
     import jax
 
-    from jax_inpaint_rl.models import vae as vae_lib
+    from jax_inpaint_rl.models.layers import vae as vae_lib
     from tools.convert_weights.components import vae_rules
 
     config = read_json(os.path.join(src, "config.json"))
@@ -429,7 +337,7 @@ def clip_component(src: str) -> Component:
     """transformers CLIPTextModel folder (Flux uses its pooled output)."""
     import jax
 
-    from jax_inpaint_rl.models import clip_text
+    from jax_inpaint_rl.models.layers import clip_text
     from tools.convert_weights.components import clip_text_rules
 
     config = read_json(os.path.join(src, "config.json"))
@@ -473,26 +381,6 @@ def verify_component(component: Component, dst: str, name: str) -> int:
 
 # --- export back to diffusers ----------------------------------------------------------------------
 
-def read_rows(path: str):
-    """key, index -> that row (or the whole tensor when index is None) of a safetensors file, read on demand."""
-    header, start = read_header(path)
-
-    def read(key: str, index: int | None):
-        entry = header[key]
-        dtype, shape = np.dtype(DTYPES[entry["dtype"]]), tuple(entry["shape"])
-        offset = start + entry["data_offsets"][0]
-        if index is not None:
-            offset += index * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-            shape = shape[1:]
-        with open(path, "rb") as f:
-            f.seek(offset)
-            buffer = bytearray(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
-            f.readinto(buffer)
-        return np.frombuffer(buffer, dtype).reshape(shape)
-
-    return read, header
-
-
 def diffusers_transformer_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
     """torch state-dict key -> shape of diffusers' FluxTransformer2DModel, built on the meta device."""
     import torch
@@ -528,7 +416,7 @@ def write_diffusers_transformer(config: Mapping, leaves: Mapping[str, tuple[tupl
     loads a whole leaf (orbax) keeps one leaf in memory. `dtype` None keeps the stored dtype (float32 when the
     leaves mix dtypes).
     """
-    from jax_inpaint_rl.models import flux_transformer
+    from jax_inpaint_rl.models.flux import transformer as flux_transformer
 
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(OUTPUT_DTYPES)}")
@@ -591,13 +479,14 @@ def pipeline_components(src: str, transformer: str | None = None, axes_dims_rope
 
 
 def convert_pipeline(variant: str, src: str, dst: str, dtype: str = "float32", transformer: str | None = None,
-                     axes_dims_rope=None, verify: bool = False, tolerance: float = VERIFY_TOLERANCE) -> None:
-    """A diffusers Flux pipeline folder -> the folder `jax_inpaint_rl.models.flux.load` reads.
+                     axes_dims_rope=None, check_tensors: bool = False) -> dict[str, Component]:
+    """A diffusers Flux pipeline folder -> the folder `jax_inpaint_rl.models.flux.family.load` reads.
 
     A single original .safetensors file as `src` converts only the transformer (into dst/transformer).
-    `verify`: the tensor check per component, then the model check (`flux_verify`) of every converted
-    component, which raises `VerificationError` when a relative error exceeds `tolerance`."""
-    from jax_inpaint_rl.models import flux as flux_family
+    `check_tensors`: after writing each component, the tensor check (`verify_component`). Returns the
+    converted components (output subfolder -> Component), which the model check
+    (`flux_verify.check_models`) takes; `flux_cli.convert_pipeline` runs both for `--verify`."""
+    from jax_inpaint_rl.models.flux import family as flux_family
 
     name = variant.replace("-", "_")
     if name not in flux_family.VARIANTS:
@@ -608,67 +497,23 @@ def convert_pipeline(variant: str, src: str, dst: str, dtype: str = "float32", t
         components = pipeline_components(src, transformer, axes_dims_rope)
     for folder, component in components.items():
         convert_component(component, dst, folder, dtype)
-        if verify:
+        if check_tensors:
             count = verify_component(component, dst, folder)
             print(f"verified {folder}: {count} tensors equal their source")
     if not os.path.isfile(src):
         finish_pipeline_folder(src, dst, name, dtype)
-    if verify:
-        from tools.convert_weights import flux_verify
-
-        flux_verify.check_models(components, dst, tolerance)
+    return components
 
 
 def finish_pipeline_folder(src: str, dst: str, name: str, dtype: str) -> None:
     """Copy the tokenizers and scheduler, write <family>.json, and check the components fit the variant."""
     import shutil
 
-    from jax_inpaint_rl.models import flux as flux_family
+    from jax_inpaint_rl.models.flux import family as flux_family
 
     for folder in COPIED:
         if not os.path.isdir(os.path.join(src, folder)):
             raise FileNotFoundError(f"{src}: pipeline folder has no {folder}/")
         shutil.copytree(os.path.join(src, folder), os.path.join(dst, folder), dirs_exist_ok=True)
     _write_json(os.path.join(dst, f"{name}.json"), {"family": name, "dtype": dtype, "source": os.path.abspath(src)})
-    flux_family.folder_family(dst, name)  # the components fit this variant (channels, widths)
-
-
-# --- command line ----------------------------------------------------------------------------------
-
-SUBCOMMANDS = ("flux-fill", "flux-kontext", "flux-dev")
-
-
-def add_arguments(parser) -> None:
-    """Options of the flux-fill / flux-kontext / flux-dev subcommands."""
-    parser.add_argument("--src", required=True, help="diffusers pipeline folder, or an original single-file "
-                        "transformer (e.g. flux1-fill-dev.safetensors: converts the transformer only)")
-    parser.add_argument("--dst", required=True, help="output folder")
-    parser.add_argument("--transformer", default=None, help="take the transformer from this diffusers folder or "
-                        "original single file instead of SRC/transformer")
-    parser.add_argument("--dtype", default="float32", choices=sorted(OUTPUT_DTYPES), help="stored parameter dtype")
-    parser.add_argument("--verify", action="store_true", help="re-read every source tensor and check the "
-                        "written one equals it, then run torch and Flax on the same inputs per component (the "
-                        "transformer and T5 block by block) and fail above --tolerance")
-    parser.add_argument("--tolerance", type=float, default=VERIFY_TOLERANCE, help="--verify fails when max "
-                        "|diff| / max |torch output| of any output exceeds this (float32 compute)")
-
-
-def run(args) -> None:
-    """`args.command` is the subcommand: flux-fill, flux-kontext or flux-dev."""
-    convert_pipeline(args.command, args.src, args.dst, args.dtype, args.transformer, verify=args.verify,
-                     tolerance=args.tolerance)
-    print(f"wrote {args.dst}")
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m tools.convert_weights.flux", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in SUBCOMMANDS:
-        add_arguments(sub.add_parser(name))
-    run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
+    flux_family.folder_family(dst, name)  # raises unless the components fit the variant; (family, modules) unused

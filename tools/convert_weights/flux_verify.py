@@ -1,9 +1,11 @@
 """Model-level check of a converted Flux folder: torch and Flax on the same seeded inputs, piece by piece.
 
-`flux-fill|flux-kontext|flux-dev --verify` runs it after the tensor check. Each converted component runs in
-float32 twice, as its torch reference (diffusers / transformers) and as our Flax model, and the check prints
-max |diff| and max |diff| / max |torch output| per output; a relative error above the tolerance fails with
-`VerificationError` naming every piece that failed.
+`flux-fill|flux-kontext|flux-dev --verify` runs it after the tensor check: flux_cli.py, the command line,
+imports this module and the converter (flux.py); this module imports the converter, never the command line.
+Each converted component runs in float32 twice, as its torch reference (diffusers / transformers) and as our
+Flax model, and the check prints max |diff| and max |diff| / max |torch output| per output; a relative error
+above the tolerance (--tolerance, default flux.VERIFY_TOLERANCE = 1e-4) fails with `VerificationError`
+naming every piece that failed.
 
 Memory: CLIP-L (123M) and the VAE (84M) run whole. The T5-XXL encoder (4.7B) and the 12B transformer run
 piece by piece, with one piece's weights on each side at a time: T5's embedding, position bias, each block and
@@ -34,10 +36,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from jax_inpaint_rl.models import clip_text, flux_transformer as ft, t5, vae as vae_lib
-from jax_inpaint_rl.models.flux import image_ids, text_ids
+from jax_inpaint_rl.models.layers import clip_text
+from jax_inpaint_rl.models.flux import transformer as ft
+from jax_inpaint_rl.models.layers import t5
+from jax_inpaint_rl.models.layers import vae as vae_lib
+from jax_inpaint_rl.models.flux.family import image_ids, text_ids
 from jax_inpaint_rl.models.params_io import unflatten
-from tools.convert_weights import common, flux
+from tools.convert_weights import common, flux, streaming
 from tools.convert_weights.sd15 import errors
 
 SEED = 0
@@ -73,7 +78,7 @@ class SourceTensors:
         self.component, self.stored = component, stored
         self.readers = {}  # source key -> (read, shape)
         for path in component.files:
-            read, header = flux.read_rows(path)
+            read, header = streaming.read_rows(path)
             self.readers.update({key: (read, tuple(entry["shape"])) for key, entry in header.items()})
         self.origin = {}  # torch name -> source key it comes from (fused original tensors give several names)
         for key, (_, shape) in self.readers.items():
@@ -101,8 +106,8 @@ class ConvertedParams:
 
     def __init__(self, dst: str, name: str):
         self.path, self.name = flux.params_file(dst, name), name
-        self.read, self.header = flux.read_rows(self.path)
-        self.dtype = np.dtype(flux.DTYPES[next(iter(self.header.values()))["dtype"]])
+        self.read, self.header = streaming.read_rows(self.path)
+        self.dtype = np.dtype(streaming.DTYPES[next(iter(self.header.values()))["dtype"]])
 
     def tree(self, sub: str | None = None, index: int | None = None) -> dict:
         """The params under '<component>/<sub>/' (all when sub is None); `index`: that layer of a stack."""

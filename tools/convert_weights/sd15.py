@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.5 (inpainting) checkpoints -> a folder `jax_inpaint_rl.models.sd15_inpaint.load` reads.
+"""Stable Diffusion 1.5 (inpainting) checkpoints -> a folder `jax_inpaint_rl.models.sd15.family.load` reads.
 
     python -m tools.convert_weights sd15-inpaint --src SRC --dst DST [--dtype float32|bfloat16] [--verify]
         [--tokenizer DIR]
@@ -60,11 +60,10 @@ def rules_for(component: str, config: dict) -> list[common.Rule]:
 
 def expected_shapes(configs: dict) -> dict[str, dict[str, tuple[int, ...]]]:
     """component -> {flax path: shape}, from the configs, without allocating."""
-    from jax_inpaint_rl.models.sd15_inpaint import build_modules
+    from jax_inpaint_rl.models.sd15.family import build_modules
 
-    flat = build_modules(configs["unet"], configs["vae"], configs["text_encoder"]).param_shapes()
-    return {c: {path[len(c) + 1:]: shape for path, shape in flat.items() if path.startswith(c + "/")}
-            for c in COMPONENTS}
+    shapes = build_modules(configs["unet"], configs["vae"], configs["text_encoder"]).param_shapes()
+    return {c: {path: tuple(leaf.shape) for path, leaf in params_io.flatten(shapes[c]).items()} for c in COMPONENTS}
 
 
 def convert_component(source: str, tensors, config: dict, component: str, shapes: dict, dtype) -> dict:
@@ -181,14 +180,16 @@ def errors(got, ref) -> tuple[float, float]:
 
 def compare(torch_models: dict, dst: str, seed: int = 0, latent_size: int = 16, text_length: int | None = None) -> dict:
     """Run torch and the converted Flax components on the same random inputs: name -> (max abs, relative)."""
+    import jax
     import jax.numpy as jnp
     import torch
 
-    from jax_inpaint_rl.models import vae as vae_lib
-    from jax_inpaint_rl.models.sd15_inpaint import load, modules_from_folder
+    from jax_inpaint_rl.models.layers import vae as vae_lib
+    from jax_inpaint_rl.models.sd15.family import load, modules_from_folder
 
     modules = modules_from_folder(dst)
-    _, params = load(dst, param_dtype="float32")
+    _, params = load(dst)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
     rng = np.random.default_rng(seed)
     u, v, t = modules.unet.config, modules.vae.config, modules.text_encoder.config
     nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731

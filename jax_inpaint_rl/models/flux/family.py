@@ -1,15 +1,17 @@
 """The Flux.1 families: `flux_fill` (inpainting), `flux_kontext` (reference-image editing), `flux_dev`.
 
 All three share the transformer, the 16-channel VAE, CLIP-L (pooled) and T5-XXL
-text encoders, velocity prediction, and an embedded guidance scale
-(`cond['guidance']`, per sample). They differ only in the image conditioning,
-built exactly as diffusers' pipelines build it:
-- Fill: the masked image's latents and the binarised mask, pixel-unshuffled by
-  the VAE factor (8x8 -> 64 channels), both 2x2-packed and concatenated to the
-  noisy latents on the channel axis (64 + 64 + 256 = 384 for Flux.1 Fill).
-- Kontext: the reference image's latents, 2x2-packed, appended on the sequence
-  axis with their own position ids (first id 1); only the first L outputs count.
-- dev: text only.
+text encoders, velocity prediction, the resolution-shifted flow schedule, and an
+embedded guidance scale (`cond['guidance']`, per sample). They differ only in the
+image conditioning (their `inputs`), built exactly as diffusers' pipelines build it:
+- Fill (image, mask): the masked image's latents and the binarised mask,
+  pixel-unshuffled by the VAE factor (8x8 -> 64 channels), both 2x2-packed and
+  concatenated to the noisy latents on the channel axis (64 + 64 + 256 = 384).
+- Kontext (image): the reference image's latents, 2x2-packed, appended on the
+  sequence axis with their own position ids (first id 1); only the first L outputs count.
+- dev (): text only.
+Precomputed text embeddings (`t5`: the T5 hidden states (B, T, 4096), `pooled`:
+CLIP's pooled output (B, 768)) stand in for running that encoder.
 
 Latents `x` are the 2x2-packed VAE latents kept on their grid, (B, h/2, w/2, 4C)
 for an image of h x w latents (C = 16): the token sequence the transformer
@@ -28,10 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_inpaint_rl.models import clip_text, flux_transformer, t5, vae as vae_lib
+from jax_inpaint_rl.diffusion import schedules
+from jax_inpaint_rl.diffusion.guidance import EmbeddedGuidance
+from jax_inpaint_rl.diffusion.parameterization import Velocity
 from jax_inpaint_rl.models.family import Family
-from jax_inpaint_rl.models.flux_transformer import FluxConfig, FluxTransformer
-from jax_inpaint_rl.models.params_io import load_params, read_json
+from jax_inpaint_rl.models.flux import transformer as flux_transformer
+from jax_inpaint_rl.models.flux.transformer import FluxConfig, FluxTransformer
+from jax_inpaint_rl.models.layers import clip_text, t5, vae as vae_lib
+from jax_inpaint_rl.models.params_io import check_shapes, load_params, read_json
+from jax_inpaint_rl.models.random_init import random_params
 
 VARIANTS = ("flux_fill", "flux_kontext", "flux_dev")
 CLIP_LENGTH = 77
@@ -110,21 +117,36 @@ def encode_latents(modules: Modules, vae_params, image):
     return pack(vae_lib.vae_encode(modules.vae, vae_params, image))
 
 
-def encode_prompt(modules: Modules, params, token_ids):
-    """{'clip', 't5'} ids -> {'text': T5 hidden (B, T, 4096), 'pooled': CLIP pooled (B, 768)}."""
-    pooled = modules.clip.apply({"params": params["text_encoder"]}, token_ids["clip"])["pooled"]
-    text = modules.t5.apply({"params": params["text_encoder_2"]}, token_ids["t5"])
-    return {"text": text, "pooled": pooled.astype(jnp.float32)}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP-L, T5-XXL
+# precomputed embedding name -> the text encoder it stands in for
+TEXT_EMBEDDINGS = {"t5": "text_encoder_2", "pooled": "text_encoder"}
+INPUTS = {"flux_fill": ("image", "mask"), "flux_kontext": ("image",), "flux_dev": ()}
 
 
-def prepare_condition(modules: Modules, params, image, mask):
-    _check_images(modules, image, mask)
+def encode_prompt(modules: Modules, params, token_ids, inputs, embeddings):
+    """{'clip', 't5'} ids -> {'text': T5 hidden (B, T, 4096), 'pooled': CLIP pooled (B, 768)}; a precomputed
+    't5' / 'pooled' embedding is used instead of running its encoder."""
+    del inputs  # the Flux text encoders read the prompt only
+    if "pooled" in embeddings:
+        pooled = embeddings["pooled"]
+    else:
+        pooled = modules.clip.apply({"params": params["text_encoder"]}, token_ids["clip"])["pooled"]
+    if "t5" in embeddings:
+        text = embeddings["t5"]
+    else:
+        text = modules.t5.apply({"params": params["text_encoder_2"]}, token_ids["t5"])
+    return {"text": jnp.asarray(text), "pooled": jnp.asarray(pooled, jnp.float32)}
+
+
+def prepare_condition(modules: Modules, params, inputs):
     if modules.variant == "flux_fill":
+        image, mask = inputs["image"], inputs["mask"]
+        _check_images(modules, image, mask)
         mask = binarize(mask)
         masked = encode_latents(modules, params["vae"], image * (1.0 - mask))
         return {"fill": jnp.concatenate([masked, mask_tokens(mask, modules.vae.config.downscale)], axis=-1)}
     if modules.variant == "flux_kontext":
-        return {"reference": encode_latents(modules, params["vae"], image)}
+        return {"reference": encode_latents(modules, params["vae"], inputs["image"])}
     return {}
 
 
@@ -170,13 +192,20 @@ TENSOR_RULES = ((r"/(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|net_0_proj|
                 (r"/(to_out|to_add_out|net_2)/kernel$", -2))
 
 
+def schedule(num_steps: int, latent_shape) -> schedules.Schedule:
+    """The pipelines' sigmas, shifted by the image token count (the packed grid's area)."""
+    return schedules.flux_schedule(num_steps, image_seq_len=latent_shape[0] * latent_shape[1])
+
+
 def make_family(modules: Modules, tokenize: Callable) -> Family:
     bind = lambda fn: functools.partial(fn, modules)  # noqa: E731
     return Family(
-        name=modules.variant, prediction="velocity", guidance="embedded", denoiser_key="transformer",
-        tokenize=tokenize, encode_prompt=bind(encode_prompt), prepare_condition=bind(prepare_condition),
-        denoise=bind(denoise), encode_image=lambda params, image: encode_latents(modules, params["vae"], image),
-        decode=bind(decode), latent_shape=bind(latent_shape), tensor_rules=TENSOR_RULES)
+        name=modules.variant, parameterization=Velocity(), guidance=EmbeddedGuidance(), schedule=schedule,
+        inputs=INPUTS[modules.variant], denoiser_key="transformer", tokenize=tokenize,
+        encode_prompt=bind(encode_prompt), prepare_condition=bind(prepare_condition), denoise=bind(denoise),
+        encode_image=lambda params, image: encode_latents(modules, params["vae"], image), decode=bind(decode),
+        latent_shape=bind(latent_shape), tensor_rules=TENSOR_RULES, text_encoders=TEXT_ENCODERS,
+        text_embeddings=TEXT_EMBEDDINGS)
 
 
 def build_modules(variant: str, transformer: FluxConfig, vae: vae_lib.VAEConfig, clip: clip_text.CLIPTextConfig,
@@ -207,7 +236,8 @@ def build_modules(variant: str, transformer: FluxConfig, vae: vae_lib.VAEConfig,
 # --- building from a converted folder or from scratch -------------------------------------------------
 
 def hf_tokenize(clip_tokenizer, t5_tokenizer, t5_length: int):
-    def tokenize(prompts):
+    def tokenize(prompts, inputs=None):
+        del inputs
         return {"clip": clip_text.tokenize(clip_tokenizer, prompts),
                 "t5": t5.tokenize(t5_tokenizer, prompts, t5_length)}
 
@@ -215,8 +245,8 @@ def hf_tokenize(clip_tokenizer, t5_tokenizer, t5_length: int):
 
 
 def folder_family(model_dir: str, name: str = "flux_fill", dtype: Any = "float32", remat: bool = False,
-                  t5_length: int = T5_LENGTH) -> Family:
-    """The Family of a converted folder (configs and tokenizers only; no weights are read)."""
+                  t5_length: int = T5_LENGTH) -> tuple[Family, Modules]:
+    """The Family (and its modules) of a converted folder: configs and tokenizers only, no weights read."""
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir}: converted Flux folder not found")
     config = lambda folder: os.path.join(model_dir, folder, "config.json")  # noqa: E731
@@ -229,14 +259,18 @@ def folder_family(model_dir: str, name: str = "flux_fill", dtype: Any = "float32
         dtype, remat, source=model_dir)
     tokenize = hf_tokenize(clip_text.load_tokenizer(os.path.join(model_dir, "tokenizer")),
                            t5.load_tokenizer(os.path.join(model_dir, "tokenizer_2")), t5_length)
-    return make_family(modules, tokenize)
+    return make_family(modules, tokenize), modules
 
 
 def load(model_dir: str, name: str = "flux_fill", dtype: Any = "float32", remat: bool = False,
-         t5_length: int = T5_LENGTH):
-    """(Family, params) from a folder written by `python -m tools.convert_weights flux-*`."""
-    family = folder_family(model_dir, name, dtype, remat, t5_length)
-    return family, load_params(os.path.join(model_dir, "params"))
+         t5_length: int = T5_LENGTH, skip: tuple[str, ...] = ()):
+    """(Family, params) from a folder written by `python -m tools.convert_weights flux-*`, every shape checked
+    against the folder's configs. Components in `skip` are not read."""
+    family, modules = folder_family(model_dir, name, dtype, remat, t5_length)
+    params_dir = os.path.join(model_dir, "params")
+    params = load_params(params_dir, skip)
+    check_shapes(params_dir, params, {k: v for k, v in param_shapes(modules).items() if k not in skip})
+    return family, params
 
 
 def tiny_configs(variant: str, latent_channels: int = 16):
@@ -255,7 +289,7 @@ def tiny_configs(variant: str, latent_channels: int = 16):
     return transformer, vae, clip, t5_config
 
 
-def hash_tokenize(prompts, vocab_size: int = 64, t5_length: int = 16):
+def hash_tokenize(prompts, inputs=None, vocab_size: int = 64, t5_length: int = 16):
     """Stand-in tokenizer for tiny models: words hashed to ids, CLIP EOS = vocab_size - 1, T5 EOS = 1."""
     clip_ids = np.zeros((len(prompts), CLIP_LENGTH), np.int32)
     t5_ids = np.zeros((len(prompts), t5_length), np.int32)
@@ -282,25 +316,19 @@ def param_shapes(modules: Modules):
     }
 
 
-def random_params(shapes, seed: int = 0):
-    """Random values for a tree of shapes, without running any model: kernels and embeddings
-    N(0, 1/fan_in), biases 0, norm scales 1. Initialising the tiny family through Flax's `init` costs
-    a minute of tracing on a small CPU; this costs milliseconds."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name, shape = path[-1].key, leaf.shape
-        if name == "bias":
-            return jnp.zeros(shape, jnp.float32)
-        if name == "scale":
-            return jnp.ones(shape, jnp.float32)
-        fan_in = shape[-2] * (shape[0] * shape[1] if len(shape) == 4 else 1) if name == "kernel" else shape[-1]
-        return jnp.asarray(rng.standard_normal(shape, np.float32) / np.sqrt(fan_in))
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def tiny(name: str = "flux_fill", seed: int = 0, dtype: Any = "float32", remat: bool = False):
     """(Family, params) of a tiny random Flux family, built in JAX (seconds on CPU at 32x32 / 64x64)."""
     modules = tiny_modules(name, dtype, remat)
     return make_family(modules, hash_tokenize), random_params(param_shapes(modules), seed)
+
+
+def build(name: str, *, path: str | None, seed: int = 0, dtype: Any = "float32", remat: bool = False,
+          embeddings: frozenset[str] = frozenset()):
+    """The registry's factory (models/family.py): a converted folder at `path`, or the tiny model. The text
+    encoders whose outputs `embeddings` supply are not loaded (the seeds' --offload_text_encoder_two, made
+    unnecessary)."""
+    skip = tuple(TEXT_EMBEDDINGS[name] for name in sorted(embeddings) if name in TEXT_EMBEDDINGS)
+    if path is not None:
+        return load(path, name, dtype, remat, skip=skip)
+    family, params = tiny(name, seed, dtype, remat)
+    return family, {component: value for component, value in params.items() if component not in skip}

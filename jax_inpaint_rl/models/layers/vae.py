@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_inpaint_rl.models.conv_blocks import (Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, conv,
-                                               group_norm, maybe_remat)
+from jax_inpaint_rl.models.layers.conv_blocks import (
+    Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, conv, group_norm, maybe_remat)
 
 EPS = 1e-6  # every norm in the autoencoder
 UNSUPPORTED_UNLESS = {"act_fn": "silu", "latents_mean": None, "latents_std": None}

@@ -2,7 +2,7 @@
 
 Masks are (B, H, W, 1) with 1 = region to fill; images (B, H, W, 3) in [-1, 1].
 """
-from jax_inpaint_rl.models.conv_blocks import nearest_resize
+from jax_inpaint_rl.models.layers.conv_blocks import nearest_resize
 
 
 def masked_image(image, mask):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_inpaint_rl.models.conv_blocks import attention, maybe_remat
+from jax_inpaint_rl.models.layers.conv_blocks import attention, maybe_remat
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),

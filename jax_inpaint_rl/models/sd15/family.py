@@ -1,6 +1,7 @@
 """Stable Diffusion 1.5 inpainting as a model family (diffusers' StableDiffusionInpaintPipeline conventions).
 
-Params: `{'unet': ..., 'vae': ..., 'text_encoder': ...}`; the UNet is what RL trains.
+Params: `{'unet': ..., 'vae': ..., 'text_encoder': ...}`; the UNet is what RL trains. Epsilon
+prediction, DDIM schedule (leading spacing, offset 1), CFG by batch concatenation; inputs image + mask.
 - tokenize: CLIP ids padded to 77 (`{'input_ids': (B, 77) int32}`).
 - encode_prompt: `{'text': (B, 77, 768)}` CLIP last hidden state (after the final LayerNorm).
 - prepare_condition: `{'mask': (B, h, w, 1), 'masked_latents': (B, h, w, 4)}`: the mask resized to the
@@ -22,9 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_inpaint_rl.models import clip_text, params_io, unet2d, vae
+from jax_inpaint_rl.diffusion import schedules
+from jax_inpaint_rl.diffusion.guidance import BatchedCFG
+from jax_inpaint_rl.diffusion.parameterization import Epsilon
+from jax_inpaint_rl.models import params_io
 from jax_inpaint_rl.models.family import Family
-from jax_inpaint_rl.models.inpaint_utils import check_image_and_mask, latent_mask, masked_image
+from jax_inpaint_rl.models.layers import clip_text, vae
+from jax_inpaint_rl.models.layers.inpaint_utils import check_image_and_mask, latent_mask, masked_image
+from jax_inpaint_rl.models.random_init import random_params
+from jax_inpaint_rl.models.sd15 import unet as unet2d
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 # tensor parallelism: attention q / k / v and GEGLU input split their outputs, attention out and GEGLU output
@@ -47,10 +54,9 @@ class Modules:
     vae: vae.AutoencoderKL
     text_encoder: clip_text.CLIPTextTransformer
 
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Flat 'component/...' path -> shape of every parameter, without allocating."""
-        shapes = jax.eval_shape(lambda: init_params(self, jax.random.key(0)))
-        return {path: tuple(leaf.shape) for path, leaf in params_io.flatten(shapes).items()}
+    def param_shapes(self) -> dict:
+        """Every component's parameter tree as jax.ShapeDtypeStruct (traced, never allocated)."""
+        return jax.eval_shape(lambda: init_params(self, jax.random.key(0)))
 
 
 def build_modules(unet_config: dict, vae_config: dict, text_config: dict, dtype="float32", param_dtype="float32",
@@ -87,14 +93,16 @@ def make_family(modules: Modules, tokenize, name: str = "sd15_inpaint") -> Famil
             raise ValueError(f"image size {height}x{width}: expected multiples of the VAE downscale {downscale}")
         return height // downscale, width // downscale, latent_channels
 
-    def encode_prompt(params, tokens):
+    def encode_prompt(params, tokens, inputs, embeddings):
+        del inputs, embeddings  # CLIP reads the prompt only; no precomputed embedding stands in for it
         out = modules.text_encoder.apply({"params": params["text_encoder"]}, jnp.asarray(tokens["input_ids"]))
         return {"text": out["last_hidden_state"]}
 
     def encode_image(params, image):
         return vae.vae_encode(modules.vae, params["vae"], image)
 
-    def prepare_condition(params, image, mask):
+    def prepare_condition(params, inputs):
+        image, mask = inputs["image"], inputs["mask"]
         check_image_and_mask(image, mask, downscale)
         height, width, _ = latent_shape(image.shape[1], image.shape[2])
         return {"mask": latent_mask(mask.astype(jnp.float32), height, width),
@@ -110,14 +118,16 @@ def make_family(modules: Modules, tokenize, name: str = "sd15_inpaint") -> Famil
     def decode(params, x0):
         return vae.vae_decode(modules.vae, params["vae"], x0)
 
-    return Family(name=name, prediction="epsilon", guidance="cfg", denoiser_key="unet", tokenize=tokenize,
-                  encode_prompt=encode_prompt, prepare_condition=prepare_condition, denoise=denoise,
-                  encode_image=encode_image, decode=decode, latent_shape=latent_shape, tensor_rules=TENSOR_RULES)
+    return Family(name=name, parameterization=Epsilon(), guidance=BatchedCFG(),
+                  schedule=lambda num_steps, shape: schedules.ddim_schedule(num_steps), inputs=("image", "mask"),
+                  denoiser_key="unet", tokenize=tokenize, encode_prompt=encode_prompt,
+                  prepare_condition=prepare_condition, denoise=denoise, encode_image=encode_image, decode=decode,
+                  latent_shape=latent_shape, tensor_rules=TENSOR_RULES, text_encoders=("text_encoder",))
 
 
 def clip_tokenize(tokenizer):
     """Host-side prompts -> {'input_ids'} with the pipeline's padding to model_max_length."""
-    return lambda prompts: {"input_ids": clip_text.tokenize(tokenizer, prompts)}
+    return lambda prompts, inputs=None: {"input_ids": clip_text.tokenize(tokenizer, prompts)}
 
 
 def char_tokenize(config: clip_text.CLIPTextConfig):
@@ -126,7 +136,8 @@ def char_tokenize(config: clip_text.CLIPTextConfig):
     if config.eos_token_id != eos:
         raise ValueError(f"char tokenizer: eos_token_id={config.eos_token_id}, expected vocab_size - 1 = {eos}")
 
-    def tokenize(prompts):
+    def tokenize(prompts, inputs=None):
+        del inputs
         ids = np.full((len(prompts), length), eos, np.int32)
         for row, prompt in enumerate(prompts):
             body = [1 + ord(ch) % (config.vocab_size - 3) for ch in prompt][: length - 2]
@@ -150,26 +161,16 @@ def family_from_folder(model_dir: str, name: str = "sd15_inpaint", dtype="float3
 
 
 def load(model_dir: str, name: str = "sd15_inpaint", dtype="float32", remat: bool = False,
-         param_dtype: str | None = None) -> tuple[Family, dict]:
-    """(Family, params) from a converted folder; params keep their stored dtype unless `param_dtype` is given."""
+         skip: tuple[str, ...] = ()) -> tuple[Family, dict]:
+    """(Family, params) from a converted folder, every shape checked against the configs; params keep their
+    stored dtype. Components in `skip` are not read."""
     modules = modules_from_folder(model_dir, dtype, remat)
     family = family_from_folder(model_dir, name, modules=modules)
     params_dir = os.path.join(model_dir, "params")
-    params = params_io.load_params(params_dir)
-    check_param_shapes(params_dir, params, modules.param_shapes())
-    cast = (lambda a: jnp.asarray(a, param_dtype)) if param_dtype else jnp.asarray
-    return family, jax.tree.map(cast, params)
-
-
-def check_param_shapes(source: str, params, expected: dict[str, tuple[int, ...]]) -> None:
-    """Raise naming every missing, unexpected or mis-shaped parameter."""
-    got = {path: tuple(np.shape(leaf)) for path, leaf in params_io.flatten(params).items()}
-    problems = [f"missing {p}" for p in sorted(expected.keys() - got.keys())]
-    problems += [f"unexpected {p}" for p in sorted(got.keys() - expected.keys())]
-    problems += [f"{p}: shape {got[p]}, expected {expected[p]}" for p in sorted(got.keys() & expected.keys())
-                 if got[p] != expected[p]]
-    if problems:
-        raise ValueError(f"{source}: parameters do not match the configs:\n  " + "\n  ".join(problems))
+    params = params_io.load_params(params_dir, skip)
+    expected = {k: v for k, v in modules.param_shapes().items() if k not in skip}
+    params_io.check_shapes(params_dir, params, expected)
+    return family, jax.tree.map(jnp.asarray, params)
 
 
 def tiny(name: str = "sd15_inpaint", seed: int = 0, dtype="float32", remat: bool = False,
@@ -178,25 +179,13 @@ def tiny(name: str = "sd15_inpaint", seed: int = 0, dtype="float32", remat: bool
     """A randomly initialised small family (VAE downscale 4, 2-level UNet, 2-layer CLIP); no files needed."""
     modules = build_modules(unet_config or TINY_UNET, vae_config or TINY_VAE, text_config or TINY_TEXT, dtype,
                             remat=remat, source="tiny")
-    return make_family(modules, char_tokenize(modules.text_encoder.config), name), random_params(modules, seed)
+    return (make_family(modules, char_tokenize(modules.text_encoder.config), name),
+            random_params(modules.param_shapes(), seed, modules.unet.param_dtype))
 
 
-def random_params(modules: Modules, seed: int) -> dict:
-    """LeCun-normal kernels, unit-variance-per-feature embeddings, unit scales, zero biases, drawn on the host.
-
-    Host numpy instead of the Flax initialisers: compiling threefry for every tensor takes a minute on CPU.
-    """
-    rng = np.random.default_rng(seed)
-
-    def draw(path: str, shape: tuple[int, ...]) -> jnp.ndarray:
-        leaf = path.rsplit("/", 1)[-1]
-        if leaf == "kernel":
-            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
-        elif leaf == "embedding":
-            value = rng.standard_normal(shape) / np.sqrt(shape[-1])
-        else:
-            value = np.ones(shape) if leaf == "scale" else np.zeros(shape)
-        return jnp.asarray(value, modules.unet.param_dtype)
-
-    flat = {path: draw(path, shape) for path, shape in modules.param_shapes().items()}
-    return params_io.unflatten(flat)
+def build(name: str, *, path: str | None, seed: int = 0, dtype="float32", remat: bool = False,
+          embeddings: frozenset[str] = frozenset()) -> tuple[Family, dict]:
+    """The registry's factory (models/family.py): a converted folder at `path`, or the tiny model. CLIP runs
+    on every prompt (no precomputed embedding stands in for it), so `embeddings` changes nothing."""
+    del embeddings
+    return tiny(name, seed, dtype, remat) if path is None else load(path, name, dtype, remat)

@@ -17,8 +17,8 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jax_inpaint_rl.models.conv_blocks import (Downsample2D, ResnetBlock2D, Upsample2D, attention, conv, group_norm,
-                                               maybe_remat)
+from jax_inpaint_rl.models.layers.conv_blocks import (
+    Downsample2D, ResnetBlock2D, Upsample2D, attention, conv, group_norm, maybe_remat)
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")

@@ -1,0 +1,1 @@
+"""Flux.1 (Fill, Kontext, dev): the transformer and the family functions."""
