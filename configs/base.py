@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.inner_epochs = 1  # --rl_num_inner_epochs
     c.train.timestep_fraction = 1.0  # --rl_timestep_fraction
     c.train.timestep_mode = "shuffle"  # first | shuffle | one (one random window step of each rollout)
+    c.train.scan_trained_steps = False  # a minibatch's trained steps in one lax.scan call (4.4x slower on XLA:CPU)
     c.train.adv_clip_max = 5.0  # --rl_adv_clip_max
     c.train.max_nonfinite_steps = 5  # stop after this many non-finite updates in a row
 

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from jax_inpaint_rl import programs, report
+from jax_inpaint_rl.algorithms.base import rollout_program
 from jax_inpaint_rl.data import open_source
 from jax_inpaint_rl.data.formats import read_image, read_mask
 from jax_inpaint_rl.data.loader import prepare
@@ -58,7 +59,7 @@ class Inpainter:
         self.denoiser = params[self.family.denoiser_key]
         self.others = {k: v for k, v in params.items() if k != self.family.denoiser_key}
         self.encode, self.decode = programs.make_encode(self.family), programs.make_decode(self.family)
-        self.sample = programs.make_sample(policy)
+        self.sample = rollout_program(policy, lambda base, denoiser: denoiser)
         self.window = np.zeros(steps, np.float32)
 
     def __call__(self, examples: list[dict], seed: int) -> np.ndarray:

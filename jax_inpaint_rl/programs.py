@@ -1,4 +1,5 @@
-"""The jitted programs the trainer runs: encode, sample, decode, accumulate, apply.
+"""The jitted programs the trainer runs: encode, decode, accumulate, apply (the collection programs are the
+algorithms': algorithms/base.py `rollout_program`, algorithms/grpo_one_step.py).
 
 Each is built once from (family, algorithm, config) and closes over functions and
 the schedule's few per-step constants, never over parameters, so parameters
@@ -17,7 +18,6 @@ import optax
 from jax_inpaint_rl.algorithms import ema as ema_lib
 from jax_inpaint_rl.algorithms import trainable as trainable_lib
 from jax_inpaint_rl.algorithms.base import Policy
-from jax_inpaint_rl.diffusion import rollout as rollout_lib
 from jax_inpaint_rl.diffusion.steps import Sampler
 from jax_inpaint_rl.models.family import Family
 
@@ -60,18 +60,6 @@ def with_base(policy: Policy, merge: Merge, base) -> Policy:
     return dataclasses.replace(policy, guided=over_trainable(policy.guided), unguided=over_trainable(policy.unguided))
 
 
-def make_sample(policy: Policy, merge: Merge = FULL) -> Callable:
-    """Jitted (base, trainable, cond, start, key, window) -> ({'latents' (B, T+1, ...), 'log_probs' (B, T)},
-    clean latents (B, ...)): the whole trajectory from start['noise'] in one scan, merged once."""
-    @jax.jit
-    def sample(base, trainable, cond, start, key, window):
-        trajectory = rollout_lib.rollout(policy.guided, merge(base, trainable), cond, start["noise"],
-                                         policy.schedule, policy.sampler, key, window)
-        return {"latents": trajectory.latents, "log_probs": trajectory.log_probs}, trajectory.latents[:, -1]
-
-    return sample
-
-
 def make_decode(family: Family) -> Callable:
     """(params, latents, inputs) -> images in [-1, 1]; inpainting families keep the source outside the mask."""
     composite = {"image", "mask"} <= set(family.inputs)
@@ -102,12 +90,13 @@ def _pin(tree, shardings):
 def make_accumulate(policy: Policy, objective: Callable, merge: Merge = FULL, state_sharding=None) -> Callable:
     """Jitted (state, base, batch, steps, key) -> (state, metrics).
 
-    Scans over the micro-batch's trained steps (`steps`: (B, K, ...) arrays; {}
-    for one call) and adds the gradient of `objective` w.r.t. state['params'] (the
-    trainable tree; the model runs on merge(base, params)) at each to
-    state['grad_sum'], counted in state['grad_count']. A non-finite loss or
-    gradient is not added; it is counted in 'skipped' and in 'nonfinite' (in a
-    row). Metrics come back per step, (K,), and stay on the device.
+    Adds the gradient of `objective` w.r.t. state['params'] (the trainable tree;
+    the model runs on merge(base, params)) at each of the micro-batch's trained
+    steps (`steps`: (B, K, ...) arrays; {} for one call) to state['grad_sum'],
+    counted in state['grad_count']; K > 1 steps run as one `lax.scan`, K = 1 as a
+    plain call (on XLA:CPU a scan runs its body 4.4x slower: tools/bench/update_phase.py).
+    A non-finite loss or gradient is not added; it is counted in 'skipped' and in
+    'nonfinite' (in a row). Metrics come back per step, (K,), and stay on the device.
     """
 
     def run(state: dict[str, Any], base, batch, steps, key):
@@ -133,9 +122,12 @@ def make_accumulate(policy: Policy, objective: Callable, merge: Merge = FULL, st
                      "skipped": carry["skipped"] + (~finite).astype(jnp.int32)}
             return carry, {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
 
-        carried = ("params", "grad_sum", "grad_count", "nonfinite", "skipped")
-        carry, metrics = jax.lax.scan(one_step, {name: state[name] for name in carried},
-                                      (per_step, jax.random.split(key, count)))
+        carried = {name: state[name] for name in ("params", "grad_sum", "grad_count", "nonfinite", "skipped")}
+        if count == 1:
+            carry, metrics = one_step(carried, (jax.tree.map(lambda a: a[0], per_step), key))
+            metrics = jax.tree.map(lambda m: m[None], metrics)
+        else:
+            carry, metrics = jax.lax.scan(one_step, carried, (per_step, jax.random.split(key, count)))
         return _pin({**state, **carry}, state_sharding), metrics
 
     return jax.jit(run, donate_argnums=(0,))

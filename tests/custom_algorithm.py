@@ -5,8 +5,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_inpaint_rl import programs
-from jax_inpaint_rl.algorithms.base import Algorithm, MicroBatch, shuffled_minibatches, stochastic_windows, take
+from jax_inpaint_rl.algorithms.base import (Algorithm, MicroBatch, rollout_program, shuffled_minibatches,
+                                            stochastic_windows, take)
 
 
 def objective(policy, params, frozen, batch, key):
@@ -32,11 +32,11 @@ def micro_batches(collected, key, *, minibatch_size):
 def make(config) -> Algorithm:
     return Algorithm(name="reward_weighted_sft", objective=objective,
                      micro_batches=functools.partial(micro_batches, minibatch_size=config.train.minibatch_size),
-                     sampler=programs.make_sample, windows=stochastic_windows(config.sample))
+                     sampler=rollout_program, windows=stochastic_windows(config.sample))
 
 
 def make_diverging(config) -> Algorithm:
     """The same, with a loss that is never finite (the non-finite stop's test)."""
     return Algorithm(name="diverging", objective=lambda *args: (jnp.float32(jnp.nan), {}),
                      micro_batches=functools.partial(micro_batches, minibatch_size=config.train.minibatch_size),
-                     sampler=programs.make_sample, windows=stochastic_windows(config.sample))
+                     sampler=rollout_program, windows=stochastic_windows(config.sample))

@@ -379,3 +379,10 @@ def test_param_dtype_is_applied_to_the_loaded_weights(tmp_path):
     config = make_config(tmp_path, "grpo", model__family="flux_fill", model__tiny=True, model__param_dtype="bfloat16")
     _, params = setup.build_family(config)
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_scanned_trained_steps_train_like_one_call_per_step(tmp_path):
+    """train.scan_trained_steps runs a minibatch's steps in one lax.scan program: the same update."""
+    scanned, _ = run(make_config(tmp_path / "scan", "grpo", train__scan_trained_steps=True, train__num_epochs=1))
+    stepped, _ = run(make_config(tmp_path / "step", "grpo", train__num_epochs=1))
+    chex.assert_trees_all_close(scanned.state["params"], stepped.state["params"], rtol=1e-5, atol=1e-6)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_inpaint_rl.diffusion import rollout as rollout_lib
 from jax_inpaint_rl.diffusion.rollout import sde_window
 from jax_inpaint_rl.diffusion.schedules import Schedule
 from jax_inpaint_rl.diffusion.steps import Sampler
@@ -79,6 +80,19 @@ class Algorithm:
 
 
 # --- helpers the algorithms share --------------------------------------------------------------
+
+def rollout_program(policy: Policy, merge: Callable) -> Callable:
+    """Jitted (base, trainable, cond, start, key, window) -> ({'latents' (B, T+1, ...), 'log_probs' (B, T)},
+    clean latents (B, ...)): the whole trajectory from start['noise'] in one scan, merged once. The collection
+    program of GRPO, NFT and DPO, and evaluation's (window all zeros: the deterministic solver)."""
+    @jax.jit
+    def sample(base, trainable, cond, start, key, window):
+        trajectory = rollout_lib.rollout(policy.guided, merge(base, trainable), cond, start["noise"],
+                                         policy.schedule, policy.sampler, key, window)
+        return {"latents": trajectory.latents, "log_probs": trajectory.log_probs}, trajectory.latents[:, -1]
+
+    return sample
+
 
 def take(tree, index):
     """Rows `index` of every batch-leading array of a pytree (on the device: no host round trip)."""

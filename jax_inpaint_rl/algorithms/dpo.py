@@ -10,9 +10,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax_inpaint_rl import programs
-from jax_inpaint_rl.algorithms.base import (Algorithm, MicroBatch, Policy, shuffled_minibatches, stochastic_windows,
-                                            take)
+from jax_inpaint_rl.algorithms.base import (Algorithm, MicroBatch, Policy, rollout_program, shuffled_minibatches,
+                                            stochastic_windows, take)
 from jax_inpaint_rl.diffusion.steps import mean_over_dims
 
 
@@ -96,7 +95,7 @@ def make(config) -> Algorithm:
         micro_batches=functools.partial(pair_micro_batches, train=config.train,
                                         group_size=config.sample.images_per_prompt),
         slots=("ref",),
-        sampler=programs.make_sample,
+        sampler=rollout_program,
         windows=stochastic_windows(config.sample),
         after_step=lambda state: {**state, "ref": refresh_reference(state["ref"], state["params"], state["step"],
                                                                     d.ref_update_interval)})

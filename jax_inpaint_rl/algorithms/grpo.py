@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jax_inpaint_rl import programs
-from jax_inpaint_rl.algorithms.base import (Algorithm, MicroBatch, Policy, mean_metrics, shuffled_minibatches,
-                                            stochastic_windows, take)
+from jax_inpaint_rl.algorithms.base import (Algorithm, MicroBatch, Policy, mean_metrics, rollout_program,
+                                            shuffled_minibatches, stochastic_windows, take)
 from jax_inpaint_rl.diffusion import rollout as rollout_lib
 from jax_inpaint_rl.diffusion.schedules import take_steps
 from jax_inpaint_rl.diffusion.steps import mean_over_dims, per_sample
@@ -193,6 +192,6 @@ def make(config) -> Algorithm:
                                     kl_beta=g.kl_beta, kl_mode=g.kl_mode),
         micro_batches=functools.partial(rollout_micro_batches, train=train),
         slots=("ref",) if g.kl_beta > 0 else (),
-        sampler=programs.make_sample,
+        sampler=rollout_program,
         windows=stochastic_windows(config.sample),
         summarize=functools.partial(summarize, clip_range=g.clip_range))

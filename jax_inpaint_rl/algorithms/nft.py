@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_inpaint_rl import programs
-from jax_inpaint_rl.algorithms.base import Algorithm, Policy, take
+from jax_inpaint_rl.algorithms.base import Algorithm, Policy, rollout_program, take
 from jax_inpaint_rl.algorithms.ema import ema_update
 from jax_inpaint_rl.algorithms.grpo import rollout_micro_batches
 from jax_inpaint_rl.diffusion.schedules import take_steps
@@ -148,7 +147,7 @@ def make(config) -> Algorithm:
         micro_batches=functools.partial(rollout_micro_batches, train=train, step_fields=clean_samples),
         slots=("old", "ref") if n.kl_beta > 0 else ("old",),
         sample_from="old",
-        sampler=programs.make_sample,
+        sampler=rollout_program,
         # samples with the deterministic solver; trains on re-noised clean samples at any step
         windows=lambda key, steps: (np.zeros(steps, np.float32), np.ones(steps, np.float32)),
         after_epoch=functools.partial(decay_old_params, decay_type=str(n.decay_type)))

@@ -15,7 +15,7 @@ import numpy as np
 
 from jax_inpaint_rl import algorithms, programs, report, setup
 from jax_inpaint_rl.algorithms import trainable as trainable_lib
-from jax_inpaint_rl.algorithms.base import Algorithm
+from jax_inpaint_rl.algorithms.base import Algorithm, rollout_program
 from jax_inpaint_rl.checkpoint.export import read_denoiser
 from jax_inpaint_rl.checkpoint.manager import Checkpointer
 from jax_inpaint_rl.diffusion.steps import Sampler
@@ -199,4 +199,4 @@ def build_programs(config, family: Family, algorithm: Algorithm, merge, latent_s
         encode=programs.make_encode(family), encode_image=jax.jit(family.encode_image),
         decode=programs.make_decode(family),
         sample=algorithm.sampler(train_policy, merge) if algorithm.sampler is not None else None,
-        sample_eval=programs.make_sample(policy(s.eval_num_steps), merge), policy=train_policy)
+        sample_eval=rollout_program(policy(s.eval_num_steps), merge), policy=train_policy)

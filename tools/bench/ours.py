@@ -10,7 +10,7 @@ import numpy as np
 
 from jax_inpaint_rl import algorithms, programs
 from jax_inpaint_rl.algorithms import trainable as trainable_lib
-from jax_inpaint_rl.algorithms.base import Policy
+from jax_inpaint_rl.algorithms.base import Policy, rollout_program
 from jax_inpaint_rl.trainer.run import initial_state
 from jax_inpaint_rl.diffusion import rollout as rollout_lib
 from jax_inpaint_rl.diffusion.steps import Sampler
@@ -66,7 +66,7 @@ def measure_rollout(policy, config, denoiser, cond, x_init, key, window, repeats
     """Timings of the whole N-step rollout program (one lax.scan) and its samples."""
     merge, base, trainable = trainable_lib.build(config.train, denoiser, jax.random.fold_in(key, 1))
     args = (base, trainable, cond, {"noise": x_init}, key, window)
-    compiled, compile_s, _ = compile_program(programs.make_sample(policy, merge), *args)
+    compiled, compile_s, _ = compile_program(rollout_program(policy, merge), *args)
     timings, (samples, _) = measure.timed_runs(lambda: compiled(*args), jax.block_until_ready, repeats,
                                                "ours rollout")
     return {"compile_s": compile_s, **timings, "images_per_s": x_init.shape[0] / timings["median_s"]}, samples

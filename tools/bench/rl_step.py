@@ -110,7 +110,7 @@ def versions() -> dict:
 
 
 def skip_missing_methods(results: dict, family: str) -> dict:
-    """A method without a recipe for the family is reported as skipped (DiffusionNFT needs a velocity model)."""
+    """A method without a recipe for the family is reported as skipped (the NFT reference is flow-only)."""
     for method in METHODS:
         results.setdefault(f"update_{method}", {"skipped": f"no {method} recipe for {family} in {RECIPES[family]}"})
     return results

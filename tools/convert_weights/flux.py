@@ -5,20 +5,7 @@ line is flux_cli.py, which also runs the model check of flux_verify.py for --ver
 which imports neither): key tables, `Component` (one model of the pipeline and where its tensors go),
 `convert_component` / `verify_component`, `convert_pipeline`, and the export back to diffusers.
 
-SRC is a diffusers pipeline folder (transformer/, vae/, text_encoder/ (CLIP), text_encoder_2/ (T5),
-tokenizer/, tokenizer_2/, scheduler/). The transformer may instead come from the original single file
-(`--transformer flux1-fill-dev.safetensors`, keys double_blocks.N.img_attn.qkv ...: fused projections
-are split and renamed on the fly); a single file as SRC converts only the transformer.
-
-Output folder:
-  params/transformer.safetensors     keys 'transformer/<flax path>'; the 19 double / 38 single blocks
-                                     stacked on a leading layer axis (e.g. transformer/double_blocks/attn/to_q/kernel)
-  params/vae.safetensors             'vae/...'
-  params/text_encoder.safetensors    'text_encoder/...'   CLIP-L text tower
-  params/text_encoder_2.safetensors  'text_encoder_2/...' T5 encoder, blocks stacked
-  transformer/, vae/, text_encoder/, text_encoder_2/   config.json of each source component
-  tokenizer/, tokenizer_2/, scheduler/                  copied from the source
-  <family>.json                      {"family", "dtype", "source"}
+The source and output folders are described in flux_cli.py's docstring (the command's --help).
 The tensor check (`verify_component`, `convert_pipeline(check_tensors=True)`) re-reads every source tensor
 and checks the written one equals it (after the dtype cast); the model check (flux_verify.py) then runs each
 component in torch and in Flax on the same seeded inputs. `export_transformer` / `write_diffusers_transformer`
