@@ -110,7 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.interval = 500  # --checkpointing_steps: optimizer steps between saves (at epoch ends)
     c.checkpoint.keep = 2
-    c.checkpoint.resume = True  # continue from the latest checkpoint in output_dir
+    c.checkpoint.resume = True  # continue from a checkpoint in output_dir (the config may change only in ways it can)
+    c.checkpoint.resume_step = -1  # which checkpoint: -1 = the latest, else a saved number (an earlier one)
     c.checkpoint.init_from = ""  # --initial_ip_adapter_path: an export folder whose denoiser the run starts from
 
     c.eval = ml_collections.ConfigDict()

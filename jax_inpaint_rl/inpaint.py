@@ -9,10 +9,13 @@
 The family of the run decides what it reads: an inpainting family an image and a
 mask (the result keeps the source exactly outside the mask), an edit family an
 image, a text-to-image family the prompt only. `--batch` takes anything
-`jax_inpaint_rl.data.open_source` reads. Sampling is deterministic (ODE / DDIM
-eta = 0) for a given seed.
+`jax_inpaint_rl.data.open_source` reads and checks all of it first, as
+`python -m jax_inpaint_rl.data.check` does: with any problem (a mask of another
+size than its image, an unreadable file, ...) it lists every one, writes nothing
+and exits 1. Sampling is deterministic (ODE / DDIM eta = 0) for a given seed.
 """
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -24,7 +27,7 @@ from tqdm import tqdm
 
 from jax_inpaint_rl import programs, report
 from jax_inpaint_rl.algorithms.base import rollout_program
-from jax_inpaint_rl.data import open_source
+from jax_inpaint_rl.data import DataError, find_problems, open_source
 from jax_inpaint_rl.data.formats import read_image, read_mask
 from jax_inpaint_rl.data.loader import prepare
 from jax_inpaint_rl.diffusion.steps import Sampler
@@ -95,6 +98,45 @@ def single_example(inputs: tuple[str, ...], prompt: str, resolution: int, image_
     return prepare(example, (resolution, resolution), None)
 
 
+class BatchRefused(DataError):
+    """The --batch source has problems, found before sampling: nothing was written."""
+
+
+def open_batch(path: str):
+    """The --batch source; a listing that cannot be read refuses the batch."""
+    try:
+        return open_source(path)
+    except DataError as error:
+        raise BatchRefused(error.problems) from None
+
+
+def batch_problems(source, inputs: tuple[str, ...]) -> list[str]:
+    """Every problem of the source (data.find_problems), and the fields the family reads that it lacks."""
+    problems = []
+    missing = sorted(set(inputs) - set(source.fields))
+    if missing:
+        problems.append(f"{source.name}: no {missing} in every example; this checkpoint's family reads "
+                        f"{['prompt', *inputs]}")
+    return problems + find_problems(source)
+
+
+def run_batch(inpainter, source, out_dir: str, batch_size: int, seed: int) -> list[str]:
+    """Write <id>.png per example to out_dir and return the paths; raise BatchRefused with every problem of the
+    source before anything is written (a partial batch, or a mask resampled to its image, is worse than none)."""
+    problems = batch_problems(source, inpainter.family.inputs)
+    if problems:
+        raise BatchRefused(problems)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for start in tqdm(range(0, len(source), batch_size), desc="sampling"):
+        indices = range(start, min(start + batch_size, len(source)))
+        examples = [prepare(source[i], (inpainter.resolution,) * 2, None) for i in indices]
+        for example, result in zip(examples, inpainter(examples, seed + start)):
+            written.append(os.path.join(out_dir, f"{example['id']}.png"))
+            Image.fromarray(result).save(written[-1])
+    return written
+
+
 def main(argv) -> None:
     del argv
     if not FLAGS.checkpoint:
@@ -103,17 +145,12 @@ def main(argv) -> None:
     if FLAGS.batch:
         if not FLAGS.out_dir:
             raise app.UsageError("--batch needs --out_dir")
-        source = open_source(FLAGS.batch)
-        missing = sorted(set(inpainter.family.inputs) - set(source.fields))
-        if missing:
-            raise ValueError(f"{FLAGS.batch}: no {missing} in every example; this checkpoint's family reads "
-                             f"{['prompt', *inpainter.family.inputs]}")
-        os.makedirs(FLAGS.out_dir, exist_ok=True)
-        for start in tqdm(range(0, len(source), FLAGS.batch_size), desc="sampling"):
-            indices = range(start, min(start + FLAGS.batch_size, len(source)))
-            examples = [prepare(source[i], (inpainter.resolution,) * 2, None) for i in indices]
-            for example, result in zip(examples, inpainter(examples, FLAGS.seed + start)):
-                Image.fromarray(result).save(os.path.join(FLAGS.out_dir, f"{example['id']}.png"))
+        try:
+            written = run_batch(inpainter, open_batch(FLAGS.batch), FLAGS.out_dir, FLAGS.batch_size, FLAGS.seed)
+        except BatchRefused as refused:  # every problem, not the first 50 of DataError's message
+            sys.exit("\n".join([*refused.problems, f"{FLAGS.batch}: {len(refused.problems)} problem(s); nothing "
+                                 f"sampled, nothing written to {FLAGS.out_dir}"]))
+        print(f"wrote {len(written)} images to {FLAGS.out_dir}")
         return
     if FLAGS.prompt is None or FLAGS.out is None:
         raise app.UsageError("single-image mode needs --prompt and --out (or use --batch)")

@@ -17,22 +17,43 @@ def to_uint8(images) -> np.ndarray:
 
 
 class MetricLog:
-    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard.
+
+    Every line names its phase ('autoencoder', 'warmup', 'rl'): steps count autoencoder
+    steps in the first and optimizer steps in the others. Non-finite values are written
+    as null (JSON has no NaN)."""
 
     def __init__(self, output_dir: str, enabled: bool = True):
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._writer = SummaryWriter(os.path.join(output_dir, "tensorboard")) if enabled else None
 
-    def write(self, step: int, record: dict) -> None:
+    def write(self, step: int, record: dict, phase: str = "rl") -> None:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in record.items() if np.ndim(v) == 0 and not isinstance(v, str)}
+        line = {"step": step, "phase": phase, **{k: v if np.isfinite(v) else None for k, v in scalars.items()}}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+            f.write(json.dumps(line, allow_nan=False) + "\n")
         for name, value in scalars.items():
             self._writer.add_scalar(name, value, step)
         self._writer.flush()
+
+    def lines(self) -> int:
+        """Lines written so far (saved with a checkpoint)."""
+        if not (self.enabled and os.path.exists(self.path)):
+            return 0
+        with open(self.path) as f:
+            return sum(1 for _ in f)
+
+    def truncate(self, lines: int) -> None:
+        """Keep the first `lines` lines: a resumed run logs again what it does again."""
+        if not (self.enabled and os.path.exists(self.path)):
+            return
+        with open(self.path) as f:
+            kept = f.readlines()[:lines]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
 
     def close(self) -> None:
         if self._writer is not None:

@@ -17,49 +17,106 @@ from jax_inpaint_rl.diffusion.steps import STEP_FUNCTIONS, STEP_PREDICTIONS
 from jax_inpaint_rl.models import family as family_lib
 from jax_inpaint_rl.rewards.calculator import RewardCalculator, build_calculator
 
-ADVANTAGE_STD = ("batch", "group", "none")
-COMPUTE_DTYPES = ("float32", "bfloat16")
 FLOAT16_REFUSED = ("model.compute_dtype='float16': float16 overflows in the denoisers' activations and the "
                    "SDE log-probs without dynamic loss scaling, which this trainer does not do; use 'bfloat16' "
                    "(the same memory and speed on GPUs and TPUs, with float32's exponent range)")
+DATA_FORMATS = ("synthetic", "self_bench", "json", "jsonl", "txt", "tfds")
+
+
+def one_of(*values):
+    return lambda v: v in values, f"one of {list(values)}"
+
+
+def at_least(low):
+    return lambda v: v >= low, f">= {low}"
+
+
+def positive():
+    return lambda v: v > 0, "> 0"
+
+
+def mesh_axis():
+    return lambda v: v == -1 or v >= 1, "-1 (the remaining devices) or >= 1"
+
+
+# every config field with a known set or range: (field, (check, what is expected))
+FIELD_RULES = (
+    ("model.compute_dtype", one_of("float32", "bfloat16")),
+    ("model.param_dtype", one_of("float32", "bfloat16")),
+    ("data.format", one_of(*DATA_FORMATS)),
+    ("data.resolution", at_least(8)),
+    ("data.num_examples", at_least(1)),
+    ("data.num_eval_examples", at_least(1)),
+    ("sample.num_steps", at_least(1)),
+    ("sample.eval_num_steps", at_least(1)),
+    ("sample.guidance_scale", at_least(0.0)),
+    ("sample.sampler", one_of(*STEP_FUNCTIONS)),
+    ("sample.noise_level", at_least(0.0)),
+    ("sample.window_size", at_least(0)),
+    ("sample.window_max_start", at_least(0)),
+    ("sample.images_per_prompt", at_least(1)),
+    ("sample.prompts_per_batch", at_least(1)),
+    ("sample.batches_per_epoch", at_least(1)),
+    ("train.num_epochs", at_least(0)),
+    ("train.max_train_steps", at_least(0)),
+    ("train.autoencoder_steps", at_least(0)),
+    ("train.autoencoder_learning_rate", positive()),
+    ("train.warmup_steps", at_least(0)),
+    ("train.learning_rate", positive()),
+    ("train.weight_decay", at_least(0.0)),
+    ("train.max_grad_norm", positive()),
+    ("train.minibatch_size", at_least(1)),
+    ("train.gradient_accumulation_steps", at_least(1)),
+    ("train.inner_epochs", at_least(1)),
+    ("train.timestep_fraction", (lambda v: 0 < v <= 1, "in (0, 1]")),
+    ("train.timestep_mode", one_of("first", "shuffle", "one")),
+    ("train.adv_clip_max", positive()),
+    ("train.max_nonfinite_steps", at_least(1)),
+    ("advantage.std", one_of("batch", "group", "none")),
+    ("ema.decay", (lambda v: 0 <= v <= 1, "in [0, 1]")),
+    ("ema.interval", at_least(1)),
+    ("mesh.data", mesh_axis()),
+    ("mesh.fsdp", mesh_axis()),
+    ("mesh.tensor", mesh_axis()),
+    ("checkpoint.interval", at_least(1)),
+    ("checkpoint.keep", at_least(1)),
+    ("checkpoint.resume_step", at_least(-1)),
+    ("eval.interval", at_least(1)),
+    ("eval.num_grid", at_least(0)),
+)
+
+
+def field(config, dotted: str):
+    for name in dotted.split("."):
+        config = config[name]
+    return config
 
 
 def validate(config, algorithm) -> None:
-    """Reject bad values before anything is loaded or compiled."""
-    s, t = config.sample, config.train
-    checks = [
-        (s.sampler in STEP_FUNCTIONS, f"sample.sampler={s.sampler!r}: expected one of {sorted(STEP_FUNCTIONS)}"),
-        (config.model.compute_dtype != "float16", FLOAT16_REFUSED),
-        (config.model.compute_dtype in COMPUTE_DTYPES,
-         f"model.compute_dtype={config.model.compute_dtype!r}: expected one of {COMPUTE_DTYPES}"),
-        (config.model.param_dtype in COMPUTE_DTYPES,
-         f"model.param_dtype={config.model.param_dtype!r}: expected one of {COMPUTE_DTYPES}"),
-        (s.images_per_prompt >= 1, "sample.images_per_prompt must be >= 1"),
-        (t.minibatch_size >= 1, "train.minibatch_size must be >= 1"),
-        (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
-        (0 < t.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]"),
-        (config.advantage.std in ADVANTAGE_STD, f"advantage.std: expected one of {ADVANTAGE_STD}"),
-        (s.window_size <= 0 or s.window_max_start + s.window_size <= s.num_steps,
-         f"sample.window_max_start={s.window_max_start} + window_size={s.window_size} exceeds "
-         f"sample.num_steps={s.num_steps}"),
-        (config.checkpoint.interval >= 1, "checkpoint.interval (optimizer steps between saves) must be >= 1"),
-    ]
-    if algorithm.sampler is not None:
-        checks.append((s.images_per_prompt >= 2, "sample.images_per_prompt must be >= 2 for group-relative RL"))
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(f"config: {message}")
+    """Reject bad values before anything is loaded or compiled: every field with a known set or range
+    (FIELD_RULES), then the relations between fields; one error lists every problem."""
+    if config.model.compute_dtype == "float16":
+        raise ValueError(f"config: {FLOAT16_REFUSED}")
+    problems = [f"{name}={field(config, name)!r}: expected {expected}" for name, (ok, expected) in FIELD_RULES
+                if not ok(field(config, name))]
+    s = config.sample
+    if s.window_size > 0 and s.window_max_start + s.window_size > s.num_steps:
+        problems.append(f"sample.window_max_start={s.window_max_start} + window_size={s.window_size} exceeds "
+                        f"sample.num_steps={s.num_steps}")
+    if algorithm.sampler is not None and s.images_per_prompt < 2:
+        problems.append(f"sample.images_per_prompt={s.images_per_prompt}: expected >= 2 for group-relative RL")
+    if problems:
+        raise ValueError("config: " + "; ".join(problems))
 
 
-def check_family(config, family) -> None:
-    """The sampler fits the family's parameterization (a flow step on an epsilon model is meaningless)."""
+def check_family(config, family, algorithm) -> None:
+    """The sampler fits the family's parameterization (a flow step on an epsilon model is meaningless), and the
+    algorithm fits the family."""
     wants = STEP_PREDICTIONS[config.sample.sampler]
     if wants != family.parameterization.name:
         raise ValueError(f"config: sample.sampler={config.sample.sampler!r} steps {wants} predictions; "
                          f"model.family={family.name!r} predicts {family.parameterization.name}")
-    if config.grpo.kl_mode == "flow_grpo" and config.grpo.kl_beta > 0 and family.parameterization.name != "velocity":
-        raise ValueError("config: grpo.kl_mode='flow_grpo' divides by the flow SDE's sigma_t^2; "
-                         f"{family.name} is an epsilon model: use kl_mode='exact'")
+    algorithm.check_family(family)
 
 
 def data_requirements(config, family, algorithm) -> list[tuple[str, str, str]]:
@@ -103,12 +160,13 @@ def precomputed_embeddings(loaders: dict) -> frozenset[str]:
     return frozenset(set.intersection(*sets))
 
 
-def build_family(config, embeddings: frozenset[str] = frozenset()):
+def build_family(config, embeddings: frozenset[str] = frozenset(), weights: bool = True):
     """(Family, params): a converted folder at model.path, or a tiny random model when model.tiny; floating
-    params cast to model.param_dtype. Encoders whose outputs `embeddings` supply are not loaded."""
+    params cast to model.param_dtype. Encoders whose outputs `embeddings` supply are not loaded. With
+    `weights=False` only the configs are read and params is None (the checks before loading)."""
     build = family_lib.factory(config.model.family)
     common = dict(seed=config.seed, dtype=config.model.compute_dtype, remat=config.model.remat,
-                  embeddings=embeddings)
+                  embeddings=embeddings, weights=weights)
     if config.model.tiny:
         family, params = build(config.model.family, path=None, **common)
     else:
@@ -120,6 +178,8 @@ def build_family(config, embeddings: frozenset[str] = frozenset()):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"config: model.path={path}: no such folder")
         family, params = build(config.model.family, path=path, **common)
+    if params is None:
+        return family, None
     dtype = jnp.dtype(config.model.param_dtype)
     cast = lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a  # noqa: E731
     return family, jax.tree.map(cast, params)

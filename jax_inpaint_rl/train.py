@@ -10,11 +10,10 @@ algorithm it runs.
 import json
 import os
 import signal
+import sys
 import time
 
 import jax
-import numpy as np
-import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from jax_inpaint_rl import report
 from jax_inpaint_rl.checkpoint.export import write_export
 from jax_inpaint_rl.parallel import mesh as mesh_lib
-from jax_inpaint_rl.trainer import checkpoints, collect, update
+from jax_inpaint_rl.trainer import autoencoder, checkpoints, collect, update
 from jax_inpaint_rl.trainer.evaluate import evaluate
 from jax_inpaint_rl.trainer.run import Run, build
 
@@ -31,13 +30,19 @@ WARMUP_LOG_EVERY = 25  # warm-up steps between metric reads (the host waits for 
 
 def fit(config, **pieces) -> Run:
     """Train as the config says; `pieces` (family, params, loaders, reward_fn) replace what it would build.
-    Returns the finished run (its state, history and `summary`)."""
+    Returns the finished run (its state, history and `summary`). A SIGTERM saves at the next step boundary of
+    any phase and raises `checkpoints.Stopped`; rerunning the same config continues there."""
     run = build(config, **pieces)
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(run, "stop_requested", True))
     try:
-        if not checkpoints.resume(run):
-            fit_autoencoder(run)
+        checkpoints.resume(run)
+        if run.phase == "autoencoder":
+            autoencoder.fit(run)
+            run.phase, run.phase_step = "warmup", 0
+        if run.phase == "warmup":
             warm_up(run)
+            run.phase, run.phase_step = "rl", 0
+        if "eval_reward_after_warmup" not in run.summary:
             run.summary["eval_reward_after_warmup"] = evaluate(run, "after_warmup")
             run.history.append({"step": int(run.state["step"]), "eval_reward": run.summary["eval_reward_after_warmup"]})
         train_epochs(run)
@@ -45,19 +50,19 @@ def fit(config, **pieces) -> Run:
                                                  if "eval_reward" in h), float("nan"))
         finish(run)
         return run
-    except update.NonFiniteUpdates as error:
-        checkpoints.save(run)
-        raise update.NonFiniteUpdates(f"{error}; the last good state is saved in {run.checkpointer.directory}") \
-            from error
+    except update.NonFiniteUpdates as error:  # the state now produces them: it is not saved
+        latest = run.checkpointer.latest_step()
+        where = (f"checkpoint {latest} in {run.checkpointer.directory} is the last good state" if latest is not None
+                 else "no checkpoint was saved before")
+        raise update.NonFiniteUpdates(f"{error} in {run.phase} step {run.phase_step}; {where} (a lower learning "
+                                      "rate, then the same command, continues from it)") from error
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        run.checkpointer.close()
-        run.rewards.close()
-        run.log.close()
+        run.close()
 
 
 def train_epochs(run: Run) -> None:
-    """Epochs until train.num_epochs, train.max_train_steps or SIGTERM; evaluate, log and save on schedule."""
+    """Epochs until train.num_epochs or train.max_train_steps; evaluate, log and save on schedule."""
     c = run.config
     for epoch in tqdm(range(run.epoch, c.train.num_epochs), desc="epochs", initial=run.epoch,
                       total=c.train.num_epochs):
@@ -67,20 +72,19 @@ def train_epochs(run: Run) -> None:
         record["epoch_time_s"] = time.time() - start
         record["images_per_s"] = record.pop("samples") / record["epoch_time_s"]
         record["learning_rate"] = c.train.learning_rate
-        run.epoch = epoch + 1
+        run.epoch = run.phase_step = epoch + 1
         step = int(run.state["step"])
         last = run.epoch == c.train.num_epochs or 0 < c.train.max_train_steps <= step
         if run.epoch % c.eval.interval == 0 or last:
             record["eval_reward"] = evaluate(run, f"epoch{run.epoch:04d}")
         run.history.append({"step": step, **{k: float(v) for k, v in record.items()
                                              if k in ("reward_mean", "eval_reward")}})
-        run.log.write(step, record)
-        if checkpoints.due(run, step) or last or run.stop_requested:
+        run.log.write(step, record, phase="rl")
+        if checkpoints.due(run, step) or last:
             checkpoints.save(run)
-        if run.stop_requested:
-            logging.warning("SIGTERM: saved step %d and stopping", step)
-        if last or run.stop_requested:
+        if last:
             break
+        checkpoints.stop_if_requested(run)
 
 
 def one_epoch(run: Run) -> dict:
@@ -95,46 +99,21 @@ def one_epoch(run: Run) -> dict:
 
 
 def warm_up(run: Run) -> None:
-    """train.warmup_steps SFT optimizer steps toward the dataset's targets before RL."""
+    """train.warmup_steps SFT optimizer steps toward the dataset's targets before RL, from run.phase_step."""
     steps, every = run.config.train.warmup_steps, run.config.train.gradient_accumulation_steps
-    pending = []
-    for number in tqdm(range(steps), desc="SFT warm-up", disable=steps == 0):
+    pending, first_step = [], int(run.state["step"]) - run.phase_step
+    for number in tqdm(range(run.phase_step, steps), desc="SFT warm-up", initial=run.phase_step, total=steps,
+                       disable=steps == 0):
         pending += update.train(run, run.warmup, collect.dataset(run, every), run.next_key())
-        if (number + 1) % WARMUP_LOG_EVERY == 0 or number == steps - 1:
+        run.phase_step = number + 1
+        due = checkpoints.due(run, first_step + run.phase_step)  # one optimizer step per warm-up step
+        if run.phase_step % WARMUP_LOG_EVERY == 0 or run.phase_step == steps or run.stop_requested or due:
             metrics = update.settle(run, run.warmup, pending)
-            run.log.write(int(run.state["step"]), {f"warmup/{k}": v for k, v in metrics.items()})
+            run.log.write(int(run.state["step"]), {f"warmup/{k}": v for k, v in metrics.items()}, phase="warmup")
             pending = []
-
-
-def fit_autoencoder(run: Run) -> None:
-    """Tiny models start from random weights, VAE included: fit it as an autoencoder on the training
-    images first (latents kept near unit scale), so rewards computed on decoded pixels mean something."""
-    steps = run.config.train.autoencoder_steps
-    if steps <= 0:
-        return
-    optimizer, family = optax.adam(run.config.train.autoencoder_learning_rate), run.family
-
-    def loss_fn(frozen, images):
-        latents = family.encode_image(frozen, images)
-        reconstruction = jax.numpy.mean((family.decode(frozen, latents) - images) ** 2)
-        return reconstruction + 0.1 * (jax.numpy.std(latents) - 1.0) ** 2, reconstruction
-
-    @jax.jit
-    def fit_step(frozen, opt_state, images):
-        (_, reconstruction), grads = jax.value_and_grad(loss_fn, has_aux=True)(frozen, images)
-        updates, opt_state = optimizer.update(grads, opt_state, frozen)
-        return optax.apply_updates(frozen, updates), opt_state, reconstruction
-
-    frozen = run.state["base"]
-    opt_state = optimizer.init(frozen)
-    for step in tqdm(range(steps), desc="autoencoder fit"):
-        batch = next(run.loaders["train"])
-        pixels = [batch["image"]] + ([batch["target"]] if "target" in batch else [])
-        frozen, opt_state, reconstruction = fit_step(frozen, opt_state,
-                                                     run.shard(np.concatenate(pixels).astype(np.float32)))
-        if step % 50 == 0 or step == steps - 1:
-            run.log.write(step, {"autoencoder/reconstruction_mse": float(reconstruction)})
-    run.state = {**run.state, "base": frozen}
+        if due:
+            checkpoints.save(run)
+        checkpoints.stop_if_requested(run)
 
 
 def finish(run: Run) -> None:
@@ -156,7 +135,11 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # progress is tqdm; orbax logs every save at INFO
     mesh_lib.initialize_distributed(_CONFIG.value.distributed)
-    print(json.dumps(fit(_CONFIG.value).summary, indent=2))
+    try:
+        print(json.dumps(fit(_CONFIG.value).summary, indent=2))
+    except checkpoints.Stopped as stopped:
+        logging.warning("%s", stopped)
+        sys.exit(checkpoints.STOPPED_EXIT_STATUS)
 
 
 if __name__ == "__main__":

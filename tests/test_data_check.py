@@ -1,12 +1,14 @@
 """Validation: every bad input is reported at once (check CLI) and stops the loader at start-up."""
 import json
+import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
-from jax_inpaint_rl.data import DataError, Loader, check, open_source
+from jax_inpaint_rl.data import DataError, Loader, check, loaders_from_config, open_source
 from tests.test_data_formats import (box_mask_array, image_array, inpaint_records, save_png, write_json_set,
                                      write_self_bench)
 
@@ -68,6 +70,23 @@ def test_check_prints_the_kind_and_the_fields(tmp_path, capsys):
         f"0 problem(s)")
 
 
+def test_check_says_what_a_family_and_targets_need(tmp_path, capsys):
+    """An edit set checked for flux_fill: the missing mask is a problem that names the family; with --targets
+    the missing targets too; seed 001's t5 embeddings pass for Flux and fail for SD1.5."""
+    edit = write_json_set(tmp_path / "edit", [{"image_path": f"img/{i}.png", "prompt": "p"} for i in range(3)])
+    assert check.main([str(edit), "--family", "flux_fill", "--targets"]) == 1
+    report = capsys.readouterr().out
+    assert f"{edit}: no 'mask' in every example; flux_fill reads it" in report
+    assert f"{edit}: no 'target' in every example; --targets asks for it" in report
+    assert check.main([str(edit), "--family", "flux_kontext"]) == 0
+    capsys.readouterr()
+    inpaint = write_json_set(tmp_path / "inpaint", inpaint_records(2))  # with t5 embeddings
+    assert check.main([str(inpaint), "--family", "flux_fill"]) == 0
+    capsys.readouterr()
+    assert check.main([str(inpaint), "--family", "sd15_inpaint"]) == 1
+    assert "precomputed embeddings ['t5'] are not inputs of sd15_inpaint" in capsys.readouterr().out
+
+
 def test_expected_embedding_shape_from_the_command_line(tmp_path, capsys):
     listing = write_json_set(tmp_path, inpaint_records(2))
     assert check.main([str(listing), "--embedding-shape", "t5=4x8"]) == 0
@@ -87,3 +106,24 @@ def test_self_bench_problems_and_cli_exit_status(tmp_path):
         assert text in result.stdout, result.stdout
     good = write_self_bench(tmp_path / "good", ["1 fine", "2 also fine"])
     assert check.main([str(good)]) == 0
+
+
+def test_listing_that_is_not_utf8_fails_the_check_and_the_trainer_loader(tmp_path, capsys):
+    folder = write_self_bench(tmp_path / "bench", ["1 fine"])
+    (folder / "self_bench.txt").write_bytes(b"1 fine\n2 caf\xe9\n")
+    expected = f"{folder / 'self_bench.txt'}: byte offset 12 (line 2, byte 0xe9) is not valid UTF-8"
+    assert check.main([str(folder)]) == 1
+    assert expected in capsys.readouterr().out
+    config = types.SimpleNamespace(format="self_bench", path=str(folder), eval_path="", resolution=16)
+    with pytest.raises(DataError, match=re.escape(expected)):
+        loaders_from_config(config, prompts_per_batch=1, seed=0)
+
+
+def test_self_bench_without_samples_fails_the_check_and_the_loader(tmp_path, capsys):
+    folder = write_self_bench(tmp_path / "bench", ["# nothing yet", ""])
+    assert check.main([str(folder)]) == 1
+    report = capsys.readouterr().out
+    assert f"{folder / 'self_bench.txt'}: no samples listed" in report, report
+    assert report.splitlines()[-1] == f"{folder}: inpaint set, 0 examples, fields: prompt, 1 problem(s)"
+    with pytest.raises(DataError, match="no samples listed"):
+        Loader(open_source(folder), prompts_per_batch=1, resolution=16)

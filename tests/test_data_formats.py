@@ -175,6 +175,42 @@ def test_unknown_paths_raise_clear_errors(tmp_path):
         open_source(tmp_path)
 
 
+LATIN1_PROMPT = "caf\xe9 sign".encode("latin-1")  # é as one latin-1 byte: not UTF-8
+
+
+@pytest.mark.parametrize("name, listing", [
+    ("bench/self_bench.txt", b"1 ok\n2 " + LATIN1_PROMPT + b"\n"),
+    ("data.jsonl", b'{"prompt": "ok"}\n{"prompt": "' + LATIN1_PROMPT + b'"}\n'),
+    ("data.json", b'[{"prompt": "ok"},\n {"prompt": "' + LATIN1_PROMPT + b'"}]'),
+    ("prompts.txt", b"ok\n" + LATIN1_PROMPT + b"\n"),
+])
+def test_listing_that_is_not_utf8_names_the_file_and_the_byte(tmp_path, name, listing):
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(listing)
+    offset = listing.index(b"\xe9")
+    with pytest.raises(DataError) as raised:
+        open_source(path.parent if name.endswith("self_bench.txt") else path)
+    assert raised.value.problems == [f"{path}: byte offset {offset} (line 2, byte 0xe9) is not valid UTF-8 "
+                                     f"(invalid continuation byte); expected a UTF-8 text file"]
+
+
+@pytest.mark.parametrize("name, listing, expected", [
+    ("bench/self_bench.txt", "# header only\n\n  \n# 1 commented out\n", "no samples listed (only blank or '#'"),
+    ("data.jsonl", "\n\n", "no samples listed; expected one JSON object per line"),
+    ("data.json", "[]", "no samples listed; expected a list of JSON objects"),
+    ("prompts.txt", " \n\n", "no samples listed (only blank lines)"),
+])
+def test_listing_without_samples_is_a_problem(tmp_path, name, listing, expected):
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(listing)
+    source = open_source(path.parent if name.endswith("self_bench.txt") else path)
+    assert len(source) == 0
+    assert len(source.listing_problems) == 1 and source.listing_problems[0].startswith(f"{path}: {expected}")
+    assert find_problems(source, progress=False) == source.listing_problems
+
+
 @pytest.mark.parametrize("kind", ["box", "brush", "text", "mixed"])
 def test_generated_masks_are_deterministic_nonempty_and_leave_context(kind):
     for index in range(20):

@@ -37,15 +37,16 @@ class Stub:
                         time.sleep(float(text.split(":")[1]))
                         status, text = 200, '{"score": 5}'
                     reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                finally:  # done before the reply leaves: the client may start its next request at once
+                    with stub.lock:
+                        stub.inflight -= 1
+                try:
                     self.send_response(status)
                     self.send_header("Content-Length", str(len(reply)))
                     self.end_headers()
                     self.wfile.write(reply)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
-                finally:
-                    with stub.lock:
-                        stub.inflight -= 1
 
             def log_message(self, *args):
                 pass

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from jax_inpaint_rl.diffusion import rollout, steps
 from jax_inpaint_rl.models.sd15 import family as sd15_inpaint
 from tests import sd15_fixtures as fx
+from tools.convert_weights import sd15
 from tools.convert_weights.__main__ import main as cli
 from tools.convert_weights.common import ConversionError
 
@@ -149,3 +150,25 @@ def test_bfloat16_output_and_missing_tokenizer(converted, tmp_path):
     single.write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="--tokenizer"):
         cli(["sd15-inpaint", "--src", str(single), "--dst", str(tmp_path / "x")])
+
+
+def test_verify_fails_above_tolerance_naming_the_component(converted, tmp_path):
+    """A tampered converted tensor fails --verify's check (exit status 1 from the CLI: an uncaught error)."""
+    src, dst, _ = converted
+    tampered = str(tmp_path / "tampered")
+    shutil.copytree(dst, tampered)
+    unet_file = os.path.join(tampered, "params", "unet.safetensors")
+    state = load_file(unet_file)
+    state["unet/conv_out/bias"] = state["unet/conv_out/bias"] + 0.5
+    save_file(state, unet_file)
+    with pytest.raises(sd15.VerificationError) as failed:
+        sd15.verify(src, tampered, sd15.VERIFY_TOLERANCE)
+    message = str(failed.value)
+    assert message.startswith(f"{tampered}: verification against {src} failed (relative error above 1e-04): "
+                              "unet epsilon ("), message
+    assert not any(name in message for name in ("text_encoder", "vae")), message
+    assert sd15.verify(src, dst, sd15.VERIFY_TOLERANCE).keys() == {
+        "text_encoder hidden", "text_encoder pooled", "unet epsilon", "vae encode mean", "vae decode"}
+    with pytest.raises(sd15.VerificationError, match=r"relative error above 0e\+00\): text_encoder hidden .*unet "
+                                                     r"epsilon .*vae decode"):
+        cli(["sd15-inpaint", "--src", src, "--dst", str(tmp_path / "again"), "--verify", "--tolerance", "0"])

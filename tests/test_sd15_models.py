@@ -155,6 +155,38 @@ def test_inpaint_utils_follow_diffusers():
     np.testing.assert_allclose(pasted, generated * soft + image * (1 - soft), rtol=1e-6)
 
 
+def test_prepare_condition_binarises_a_soft_mask_as_diffusers(monkeypatch):
+    """Soft mask: diffusers' mask_processor binarises (>= 0.5 -> 1) before resizing to the latent grid and
+    before masking the image; prepare_condition must give the same mask and masked-image latents."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as inpaint_module
+
+    # the pipeline samples the masked-image posterior; the family uses its mean (deterministic condition)
+    monkeypatch.setattr(inpaint_module, "retrieve_latents",
+                        lambda output, generator=None, sample_mode="sample": output.latent_dist.mode())
+    torch_vae = fx.torch_vae(fx.PIPE_VAE)
+    pipe = StableDiffusionInpaintPipeline(vae=torch_vae, text_encoder=fx.torch_text(fx.TEXT_CONFIGS["legacy_eos"]),
+                                          tokenizer=fx.clip_tokenizer(), unet=UNet2DConditionModel(**fx.PIPE_UNET),
+                                          scheduler=DDIMScheduler(steps_offset=1), safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    rng = np.random.default_rng(6)
+    image = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    mask = rng.uniform(0.2, 0.8, (2, 32, 32, 1)).astype(np.float32)
+    picked = [0.5, 0.49, 0.51, 0.0, 1.0, 0.3, 0.7]  # on the pixels nearest-resizing to 8x8 keeps
+    mask[:, ::4, ::4, 0] = np.resize(picked, (2, 8, 8))
+    with torch.no_grad():
+        mask_condition = pipe.mask_processor.preprocess(fx.nchw(mask), height=32, width=32)
+        expected_mask, expected_latents = pipe.prepare_mask_latents(
+            mask_condition, fx.nchw(image) * (mask_condition < 0.5), 2, 32, 32, torch.float32, "cpu", None, False)
+
+    family, params = sd15_inpaint.tiny(vae_config=dict(torch_vae.config))
+    params["vae"] = to_flax(fx.state_dict_numpy(torch_vae), vae_rules(), params["vae"])
+    cond = fx.run_compiled(family.prepare_condition, params, {"image": jnp.asarray(image), "mask": jnp.asarray(mask)})
+    assert set(np.unique(fx.nhwc(expected_mask))) == {0.0, 1.0}
+    np.testing.assert_array_equal(cond["mask"], fx.nhwc(expected_mask))
+    assert fx.relative_error(cond["masked_latents"], fx.nhwc(expected_latents)) <= TOLERANCE
+
+
 def test_tiny_family_runs_end_to_end():
     family, params = sd15_inpaint.tiny(seed=0)
     assert (family.parameterization.name, family.denoiser_key, family.inputs) == ("epsilon", "unet", ("image", "mask"))

@@ -2,6 +2,9 @@
 import dataclasses
 import json
 import os
+import re
+import signal
+import types
 
 import chex
 import jax
@@ -11,9 +14,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import base
-from jax_inpaint_rl import algorithms, programs, setup, train
+from jax_inpaint_rl import algorithms, programs, report, rewards, setup, train
 from jax_inpaint_rl.diffusion.steps import Sampler
-from jax_inpaint_rl.trainer import update
+from jax_inpaint_rl.rewards import serve
+from jax_inpaint_rl.trainer import checkpoints, update
+from jax_inpaint_rl.trainer.run import build
 from tests import toy_family
 
 RES = 16
@@ -153,15 +158,22 @@ def test_every_method_runs_and_logs(tmp_path, method, prediction, sampler):
 def test_bad_config_values_fail_before_compiling(tmp_path):
     with pytest.raises(ValueError, match="train.method='ppo'"):
         algorithms.from_config(make_config(tmp_path, "ppo"))
-    config = make_config(tmp_path, "grpo", sample__images_per_prompt=1)
-    with pytest.raises(ValueError, match="images_per_prompt must be >= 2"):
+    # every field with a known range or set, in one table: each bad value named, all at once
+    config = make_config(tmp_path, "grpo", sample__images_per_prompt=1, eval__interval=0, checkpoint__interval=0,
+                         train__max_nonfinite_steps=0, data__format="bogus", mesh__fsdp=0)
+    with pytest.raises(ValueError) as error:
         setup.validate(config, algorithms.from_config(config))
+    for expected in ("sample.images_per_prompt=1: expected >= 2", "eval.interval=0: expected >= 1",
+                     "checkpoint.interval=0: expected >= 1", "train.max_nonfinite_steps=0: expected >= 1",
+                     "data.format='bogus': expected one of", "mesh.fsdp=0: expected -1"):
+        assert expected in str(error.value)
     config = make_config(tmp_path, "grpo", model__compute_dtype="float16")
     with pytest.raises(ValueError, match="float16 overflows .* use 'bfloat16'"):
         setup.validate(config, algorithms.from_config(config))
-    config = make_config(tmp_path, "nft", nft__decay_type="3")
-    with pytest.raises(ValueError, match="nft.decay_type='3'"):
-        algorithms.from_config(config)
+    for method, field, value in (("nft", "nft__decay_type", "3"), ("grpo", "grpo__kl_mode", "anchor"),
+                                 ("dpo", "dpo__beta", 0.0)):
+        with pytest.raises(ValueError, match=field.replace("__", ".")):
+            algorithms.from_config(make_config(tmp_path, method, **{field: value}))
     with pytest.raises(ValueError, match="model.family='flux_schnell'"):
         setup.build_family(make_config(tmp_path, "grpo", model__family="flux_schnell"))
     with pytest.raises(ValueError, match="model.path is empty"):
@@ -169,8 +181,12 @@ def test_bad_config_values_fail_before_compiling(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.path=/no/such/dir"):
         setup.build_family(make_config(tmp_path, "grpo", model__family="flux_fill", model__path="/no/such/dir"))
     family, _ = toy_family.tiny(prediction="epsilon")
+    config = make_config(tmp_path, "grpo")
     with pytest.raises(ValueError, match="sample.sampler='flow_grpo' steps velocity predictions; .* predicts epsilon"):
-        setup.check_family(make_config(tmp_path, "grpo"), family)
+        setup.check_family(config, family, algorithms.from_config(config))
+    config = make_config(tmp_path, "grpo", sample__sampler="ddim", grpo__kl_beta=0.1, grpo__kl_mode="flow_grpo")
+    with pytest.raises(ValueError, match="kl_mode='flow_grpo' divides by the flow SDE"):
+        setup.check_family(config, family, algorithms.from_config(config))
 
 
 def test_data_without_targets_trains_rl_and_refuses_sft(tmp_path):
@@ -188,6 +204,19 @@ def test_data_without_targets_trains_rl_and_refuses_sft(tmp_path):
                                    ("grpo_one_step", {}, "train.method='grpo_one_step' needs it")]:
         with pytest.raises(ValueError, match=f"no 'target' in every example .*{who}"):
             run(make_config(tmp_path / method, method, **overrides), drop=("target",))
+
+
+def test_data_is_checked_before_any_weight_is_loaded(tmp_path, monkeypatch):
+    """An edit set (no masks) for an inpainting family fails naming the field, before the weights are read."""
+    config = make_config(tmp_path, "grpo", model__family="sd15_inpaint", model__tiny=True, sample__sampler="ddim")
+    loading = []
+    real_build_family = setup.build_family
+    monkeypatch.setattr(setup, "build_family", lambda config, embeddings=frozenset(), weights=True: (
+        loading.append(weights) or real_build_family(config, embeddings, weights)))
+    loaders = loaders_for(config, drop=("mask",))
+    with pytest.raises(ValueError, match="no 'mask' in every example .*model.family='sd15_inpaint' reads it"):
+        build(config, loaders=loaders, reward_fn=colour_reward)
+    assert loading == [False]  # only the configs were read
 
 
 def test_one_step_grpo_collects_without_a_rollout(tmp_path):
@@ -245,13 +274,15 @@ def test_max_train_steps_and_step_based_checkpoints(tmp_path):
     assert saved == [4, 6]
 
 
-def test_non_finite_updates_stop_the_run_and_save(tmp_path):
-    """Non-finite losses are skipped (params untouched) and, at train.max_nonfinite_steps in a row, stop the run
-    after the last good state is saved."""
-    config = make_config(tmp_path, "tests.custom_algorithm:make_diverging", train__max_nonfinite_steps=2)
-    with pytest.raises(update.NonFiniteUpdates, match="2 non-finite updates in a row.*last good state is saved"):
+def test_non_finite_updates_stop_the_run_and_point_at_the_last_good_checkpoint(tmp_path):
+    """Non-finite losses are skipped (params untouched) and, at train.max_nonfinite_steps in a row, stop the run;
+    the state that produces them is not saved: the latest checkpoint is the last good state."""
+    config = make_config(tmp_path, "tests.custom_algorithm:make_diverging", train__max_nonfinite_steps=2,
+                         train__warmup_steps=2, checkpoint__interval=1)
+    with pytest.raises(update.NonFiniteUpdates, match=r"2 non-finite updates in a row \(train.max_nonfinite_steps=2\) "
+                                                      r"in rl step 1; checkpoint 2 in .* is the last good state"):
         run(config)
-    assert [d for d in os.listdir(os.path.join(config.output_dir, "checkpoints")) if d.isdigit()] == ["0"]
+    assert sorted(int(d) for d in os.listdir(os.path.join(config.output_dir, "checkpoints")) if d.isdigit()) == [1, 2]
 
 
 @pytest.mark.parametrize("mode,pattern,trained", [
@@ -324,14 +355,104 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_sigterm_saves_and_stops(tmp_path):
-    import signal
+class SignalAfter(ListLoader):
+    """A loader that sends this process SIGTERM as it hands out its `calls`-th batch."""
 
-    config = make_config(tmp_path, "grpo", train__num_epochs=5, checkpoint__interval=100)
-    runner, _ = run(config, reward_fn=lambda *a: (os.kill(os.getpid(), signal.SIGTERM), colour_reward(*a))[1])
-    assert runner.epoch == 1
-    saved = [d for d in os.listdir(os.path.join(config.output_dir, "checkpoints")) if d.isdigit()]
-    assert saved == [str(int(runner.state["step"]))]
+    def __init__(self, loader, calls):
+        super().__init__(loader.examples, loader.batch_size, loader.seed)
+        self.calls = calls
+
+    def __next__(self):
+        self.calls -= 1
+        if self.calls == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().__next__()
+
+
+PHASED = dict(train__autoencoder_steps=3, train__warmup_steps=3, train__num_epochs=2)
+
+
+@pytest.mark.parametrize("phase,loader,calls", [("autoencoder", "train", 2), ("warmup", "sft", 2),
+                                                ("rl", "train", 4)])
+def test_sigterm_in_every_phase_saves_stops_and_resumes_bit_identically(tmp_path, phase, loader, calls):
+    """SIGTERM stops at the next step boundary of the phase it hits (autoencoder fit, warm-up, RL), saves, exits
+    without final artefacts; the same command continues there and ends where an unbroken run ends."""
+    straight, _ = run(make_config(tmp_path / "straight", "grpo", **PHASED))
+    config = make_config(tmp_path / "stopped", "grpo", **PHASED)
+    family, params = toy_family.tiny(seed=0, resolution=RES)
+    loaders = loaders_for(config)
+    loaders[loader] = SignalAfter(loaders[loader], calls)
+    with pytest.raises(checkpoints.Stopped, match=f"SIGTERM: saved {phase} step"):
+        train.fit(config, family=family, params=params, loaders=loaders, reward_fn=colour_reward)
+    assert not os.path.exists(os.path.join(config.output_dir, "export"))
+    assert not os.path.exists(os.path.join(config.output_dir, "summary.json"))
+    assert [d for d in os.listdir(os.path.join(config.output_dir, "checkpoints")) if d.isdigit()]
+    resumed, summary = run(config)
+    assert resumed.resumed_from is not None and "eval_reward_after_warmup" in summary
+    chex.assert_trees_all_equal(resumed.state["params"], straight.state["params"])
+    lines = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
+    rl_steps = [line["step"] for line in lines if line["phase"] == "rl"]
+    assert rl_steps == sorted(set(rl_steps)) and len(rl_steps) == 2  # nothing logged twice
+
+
+def test_the_stopped_exit_status_is_distinct(tmp_path, monkeypatch):
+    """`python -m jax_inpaint_rl.train` ends a stopped run with 143 (128 + SIGTERM), not 0."""
+    monkeypatch.setattr(train, "_CONFIG", types.SimpleNamespace(value=make_config(tmp_path, "grpo")))
+    monkeypatch.setattr(train, "fit", lambda config: (_ for _ in ()).throw(checkpoints.Stopped("SIGTERM: saved")))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([])
+    assert exit_info.value.code == checkpoints.STOPPED_EXIT_STATUS == 143
+
+
+def test_resume_refuses_a_config_it_cannot_continue_and_keeps_every_config(tmp_path):
+    config = make_config(tmp_path, "grpo", train__num_epochs=1)
+    run(config)
+    before = open(os.path.join(config.output_dir, "config.json")).read()
+    for changes, named in (({"train__method": "nft"}, "train.method: 'grpo' -> 'nft'"),
+                           ({"data__resolution": 32}, "data.resolution: 16 -> 32"),
+                           ({"train__lora_rank": 4, "train__trainable": "lora"}, "train.trainable: 'full' -> 'lora'")):
+        changed = make_config(tmp_path, "grpo", train__num_epochs=1, **changes)
+        with pytest.raises(ValueError, match=f"(?s)cannot resume with these changes:\n.*{re.escape(named)}"):
+            run(changed)
+        assert open(os.path.join(config.output_dir, "config.json")).read() == before  # nothing written
+    longer, _ = run(make_config(tmp_path, "grpo", train__num_epochs=2, eval__interval=2))  # allowed changes
+    assert longer.resumed_from is not None and longer.epoch == 2
+    assert sorted(os.listdir(os.path.join(config.output_dir, "configs"))) == ["000.json", "001.json"]
+
+
+def test_one_run_at_a_time_in_an_output_folder(tmp_path):
+    config = make_config(tmp_path, "grpo")
+    family, params = toy_family.tiny(seed=0, resolution=RES)
+    first = build(config, family=family, params=params, loaders=loaders_for(config), reward_fn=colour_reward)
+    try:
+        with pytest.raises(RuntimeError, match=f"{re.escape(config.output_dir)} is in use by process {os.getpid()}"):
+            build(config, family=family, params=params, loaders=loaders_for(config), reward_fn=colour_reward)
+    finally:
+        first.close()
+    build(config, family=family, params=params, loaders=loaders_for(config), reward_fn=colour_reward).close()
+
+
+def test_metric_lines_are_json_with_a_phase(tmp_path):
+    log = report.MetricLog(str(tmp_path))
+    log.write(3, {"loss": float("nan"), "reward": 0.5}, phase="warmup")
+    log.close()
+    line = json.loads(open(tmp_path / "metrics.jsonl").read(), parse_constant=lambda token: pytest.fail(token))
+    assert line == {"step": 3, "phase": "warmup", "loss": None, "reward": 0.5}
+
+
+def test_a_remote_reward_trains_and_evaluates_through_a_whole_run(tmp_path):
+    """The remote reward on a localhost server, grouped by images_per_prompt in rollouts and one image per group
+    in evaluation (meta['group'])."""
+    server = serve.make_server(rewards.get_reward("reference_similarity"), "similarity", "127.0.0.1", 0).start()
+    try:
+        config = make_config(tmp_path, "grpo", train__num_epochs=1)
+        config.reward.specs = {"remote": {"reward": "remote", "weight": 1.0,
+                                          "config": {"url": server.url, "group_size": 4}}}
+        family, params = toy_family.tiny(seed=0, resolution=RES)
+        finished = train.fit(config, family=family, params=params, loaders=loaders_for(config))
+    finally:
+        server.stop()
+    assert np.isfinite(finished.summary["eval_reward_final"]) and int(finished.state["step"]) >= 1
 
 
 def test_eight_devices_give_the_single_device_run(tmp_path):
@@ -355,7 +476,9 @@ def test_eight_devices_give_the_single_device_run(tmp_path):
         for a, b in zip(one_lines, lines):
             assert a.keys() == b.keys()
             for key in a:
-                if not key.endswith("_s"):  # wall-clock timings differ run to run
+                if key == "phase":
+                    assert a[key] == b[key]
+                elif not key.endswith("_s"):  # wall-clock timings differ run to run
                     np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=f"{name}: {key}")
         # the updates agree as a whole; one entry alone may not: Adam divides each gradient entry by its own
         # magnitude, so an entry whose gradient is ~1e-8 turns reduction-order rounding into a visible step

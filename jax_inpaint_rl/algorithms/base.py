@@ -16,7 +16,8 @@ The loop (train.py, trainer/) never asks which algorithm it runs. It reads:
 - `after_step`: state -> state inside the jitted optimizer step (DPO's reference refresh);
 - `after_epoch`: (state, epoch) -> state after an epoch's updates (NFT's old params);
 - `needs`: example fields it cannot run without ('target' for SFT and one-step GRPO);
-- `summarize`: per-micro-batch host metrics -> the epoch's record.
+- `summarize`: per-micro-batch host metrics -> the epoch's record;
+- `check_family`: raises when the algorithm's settings do not fit a family (before anything loads).
 Adding an algorithm is its own module with a `make(config) -> Algorithm` and one
 registry line in algorithms/__init__.py.
 """
@@ -77,6 +78,7 @@ class Algorithm:
     after_epoch: Callable[[dict, int], dict] = no_change
     needs: tuple[str, ...] = ()
     summarize: Callable[[list[dict]], dict] = mean_metrics
+    check_family: Callable[[Any], None] = lambda family: None
 
 
 # --- helpers the algorithms share --------------------------------------------------------------

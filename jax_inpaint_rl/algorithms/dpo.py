@@ -89,6 +89,9 @@ def make(config) -> Algorithm:
     """Online Diffusion-DPO from config.dpo (beta, ref_update_interval): best vs worst of each rollout group;
     `train.minibatch_size` counts pairs."""
     d = config.dpo
+    if d.beta <= 0 or d.ref_update_interval < 0:
+        raise ValueError(f"config: dpo.beta={d.beta} (expected > 0), dpo.ref_update_interval="
+                         f"{d.ref_update_interval} (expected >= 0; 0 = never)")
     return Algorithm(
         name="dpo",
         objective=functools.partial(dpo_objective, beta=d.beta),

@@ -183,9 +183,26 @@ def summarize(records: list[dict], clip_range: float) -> dict:
     return summary
 
 
+def check_settings(g) -> None:
+    problems = [message for bad, message in (
+        (g.clip_range <= 0, f"grpo.clip_range={g.clip_range}: expected > 0"),
+        (g.kl_beta < 0, f"grpo.kl_beta={g.kl_beta}: expected >= 0"),
+        (g.kl_mode not in KL_MODES, f"grpo.kl_mode={g.kl_mode!r}: expected one of {KL_MODES}")) if bad]
+    if problems:
+        raise ValueError("config: " + "; ".join(problems))
+
+
+def check_family(family, g) -> None:
+    """Flow-GRPO's KL divides by the flow SDE's sigma_t^2, which an epsilon model's DDIM steps do not have."""
+    if g.kl_beta > 0 and g.kl_mode == "flow_grpo" and family.parameterization.name != "velocity":
+        raise ValueError(f"config: grpo.kl_mode='flow_grpo' divides by the flow SDE's sigma_t^2; {family.name} is "
+                         f"an {family.parameterization.name} model: use kl_mode='exact'")
+
+
 def make(config) -> Algorithm:
     """GRPO from config.grpo (clip_range, kl_beta, kl_mode) and config.train (adv_clip_max and the loop)."""
     g, train = config.grpo, config.train
+    check_settings(g)
     return Algorithm(
         name="grpo",
         objective=functools.partial(grpo_objective, clip_range=g.clip_range, adv_clip_max=train.adv_clip_max,
@@ -194,4 +211,5 @@ def make(config) -> Algorithm:
         slots=("ref",) if g.kl_beta > 0 else (),
         sampler=rollout_program,
         windows=stochastic_windows(config.sample),
-        summarize=functools.partial(summarize, clip_range=g.clip_range))
+        summarize=functools.partial(summarize, clip_range=g.clip_range),
+        check_family=functools.partial(check_family, g=g))

@@ -140,6 +140,8 @@ def make(config) -> Algorithm:
         raise ValueError(f"config: nft.decay_type={n.decay_type!r}: expected one of {DECAY_TYPES}")
     if n.adv_mode not in ADV_MODES:
         raise ValueError(f"config: nft.adv_mode={n.adv_mode!r}: expected one of {ADV_MODES}")
+    if n.beta <= 0 or n.kl_beta < 0:
+        raise ValueError(f"config: nft.beta={n.beta} (expected > 0), nft.kl_beta={n.kl_beta} (expected >= 0)")
     return Algorithm(
         name="nft",
         objective=functools.partial(nft_objective, beta=n.beta, adv_clip_max=train.adv_clip_max,

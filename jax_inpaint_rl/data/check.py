@@ -1,14 +1,17 @@
 """Validate a dataset and report every problem at once.
 
-    python -m jax_inpaint_rl.data.check PATH [--kind auto|inpaint|edit|prompts]
+    python -m jax_inpaint_rl.data.check PATH [--family flux_fill] [--targets] [--kind auto|inpaint|edit|prompts]
         [--embedding-shape t5=512x4096 ...] [--split train] [--mask-kind mixed] [--prompt-key label]
 
 PATH is a self_bench folder, a .json / .jsonl / .txt listing, a prepared TFDS
 directory or `tfds:NAME`. Each problem names the file (or record) and what was
 expected; the exit status is 1 if there is any. The last line sums up: the kind
 (inpaint / edit / prompts), the example count, the fields every example provides
-(see formats.py) and the problem count. The training loader runs the same
-`validate.find_problems` at start-up.
+(see formats.py) and the problem count. With `--family` every field that family
+reads (its `inputs`) and every precomputed embedding it does not take is a
+problem too; `--targets` also requires `target` (SFT, the warm-up, one-step
+GRPO). The training loader runs the same `validate.find_problems` at start-up,
+and the trainer the same field check before it loads weights.
 """
 import argparse
 import sys
@@ -35,17 +38,39 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="train", help="TFDS split")
     parser.add_argument("--mask-kind", default="mixed", help="TFDS without masks: box | brush | text | mixed")
     parser.add_argument("--prompt-key", default=None, help="TFDS without prompts: feature used as the prompt")
+    parser.add_argument("--family", default=None, help="a model family (e.g. flux_fill): its inputs are required")
+    parser.add_argument("--targets", action="store_true", help="require targets (SFT, warm-up, one-step GRPO)")
     args = parser.parse_args(argv)
     try:
         source = open_source(args.path, args.kind, split=args.split, mask_kind=args.mask_kind,
                              prompt_key=args.prompt_key)
         problems = find_problems(source, dict(args.embedding_shape))
+        problems += fit_problems(source, args.family, args.targets)
     except DataError as error:  # the listing itself could not be read
         source, problems = None, error.problems
     for problem in problems:
         print(problem)
     print(summary(args.path, source, len(problems)))
     return 1 if problems else 0
+
+
+def fit_problems(source, family_name: str | None, targets: bool) -> list[str]:
+    """What the family reads and the run needs but the data lacks, and embeddings the family does not take."""
+    wanted, takes = {"target"} if targets else set(), None
+    if family_name:
+        from jax_inpaint_rl.models.family import factory  # the model code only when a family is named
+
+        family, _ = factory(family_name)(family_name, path=None, weights=False)
+        wanted |= set(family.inputs)
+        takes = set(family.text_embeddings)
+    problems = [f"{source.name}: no '{field}' in every example; "
+                + (f"{family_name} reads it" if field != "target" else "--targets asks for it")
+                for field in sorted(wanted - set(source.fields))]
+    given = {field.split(":", 1)[1] for field in source.fields if field.startswith("embedding:")}
+    if takes is not None and given - takes:
+        problems.append(f"{source.name}: precomputed embeddings {sorted(given - takes)} are not inputs of "
+                        f"{family_name} (it takes {sorted(takes) or 'none'})")
+    return problems
 
 
 def summary(path: str, source, problem_count: int) -> str:

@@ -36,6 +36,8 @@ Formats read here (paths inside a listing are relative to the listing's folder):
   (`image_path` + `prompt` or `instruction`); without any `image_path` it is a
   prompt list.
 - Prompt list `.txt`: one prompt per non-blank line.
+
+Listings are UTF-8 text; one that lists no sample is a listing problem.
 """
 import dataclasses
 import json
@@ -173,7 +175,7 @@ def read_self_bench(folder: Path) -> FileSource:
     if not listing.is_file():
         raise DataError([f"{folder}: expected {SELF_BENCH_LISTING} in the folder (self_bench format)"])
     entries, problems = [], []
-    for line_number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+    for line_number, line in enumerate(read_listing(listing).splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         origin = f"{listing} line {line_number}"
@@ -184,6 +186,9 @@ def read_self_bench(folder: Path) -> FileSource:
         number, prompt, target_text = parsed
         files = {field: _self_bench_file(folder, number, role) for field, role in SELF_BENCH_ROLES.items()}
         entries.append(Entry(id=str(int(number)), origin=origin, prompt=prompt, target_text=target_text, **files))
+    if not entries and not problems:
+        problems.append(f"{listing}: no samples listed (only blank or '#' lines); expected "
+                        f"'NUMBER<TAB>PROMPT[<TAB>TARGET_TEXT]' or 'NUMBER PROMPT' lines")
     return FileSource(entries, "inpaint", str(folder), problems)
 
 
@@ -200,14 +205,29 @@ def read_json(path: Path, kind: str = "auto") -> FileSource:
         problems += record_problems
         if entry is not None:
             entries.append(entry)
+    if not records and not problems:
+        problems.append(f"{path}: no samples listed; expected "
+                        + ("one JSON object per line" if path.suffix == ".jsonl" else "a list of JSON objects"))
     return FileSource(entries, kind, str(path), problems)
 
 
 def read_prompt_list(path: Path) -> FileSource:
     """One prompt per non-blank line (text-to-image recipes)."""
     entries = [Entry(id=str(number), origin=f"{path} line {number}", prompt=line.strip())
-               for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    return FileSource(entries, "prompts", str(path))
+               for number, line in enumerate(read_listing(path).splitlines(), 1) if line.strip()]
+    problems = [] if entries else [f"{path}: no samples listed (only blank lines); expected one prompt per line"]
+    return FileSource(entries, "prompts", str(path), problems)
+
+
+def read_listing(path: Path) -> str:
+    """A listing's text; a file that is not UTF-8 raises a DataError naming it and the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError([f"{path}: byte offset {error.start} (line {line}, byte 0x{data[error.start]:02x}) is "
+                         f"not valid UTF-8 ({error.reason}); expected a UTF-8 text file"]) from None
 
 
 def _decode(path: Path, mode: str, what: str) -> Image.Image:
@@ -249,7 +269,7 @@ def _self_bench_file(folder: Path, number: str, role: str) -> Path:
 
 def _json_records(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
     """[(origin, record)] in file order, plus the lines / items that are not JSON objects."""
-    text = path.read_text(encoding="utf-8")
+    text = read_listing(path)
     if path.suffix == ".jsonl":
         records, problems = [], []
         for line_number, line in enumerate(text.splitlines(), 1):

@@ -74,9 +74,9 @@ class Family:
                              f"outside text_encoders {self.text_encoders}")
 
 
-# name -> "module:factory"; factory(name, *, path (None: the tiny model), seed, dtype, remat, embeddings)
-# -> (Family, params), where `embeddings` names the precomputed text embeddings every example supplies (the
-# encoders they replace are not loaded)
+# name -> "module:factory"; factory(name, *, path (None: the tiny model), seed, dtype, remat, embeddings,
+# weights) -> (Family, params), where `embeddings` names the precomputed text embeddings every example supplies
+# (the encoders they replace are not loaded) and weights=False reads configs only (params None)
 FAMILIES = {
     "sd15_inpaint": "jax_inpaint_rl.models.sd15.family:build",
     "flux_fill": "jax_inpaint_rl.models.flux.family:build",

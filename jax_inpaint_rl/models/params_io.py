@@ -2,14 +2,16 @@
 
 Converted model folders and inference exports use this format because it can be
 written one tensor at a time (the 12B Flux transformer converts on a 24 GB host)
-and read back without torch.
+and read back without torch. The converters also write `<family>.json`
+({"family", "dtype", "source"}) into the folder: `check_family` reads it so that a
+loader can say what a folder holds when it is not what was asked for.
 """
 import json
 import os
 from typing import Any, Mapping
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 SEP = "/"
@@ -52,17 +54,25 @@ def load_params(path: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict[str
     Top-level components named in `skip` are not read (e.g. a text encoder whose
     outputs the dataset supplies precomputed).
     """
-    files = _safetensors_files(path)
     flat = {}
-    for file in files:
-        with safe_open(file, framework="numpy") as reader:
-            for key in reader.keys():
-                if key.split(SEP, 1)[0] in skip:
-                    continue
-                if key in flat:
-                    raise ValueError(f"{file}: key {key!r} appears in more than one shard")
-                flat[key] = reader.get_tensor(key)
+    for file in _safetensors_files(path):
+        tensors = _read_file(file, skip)
+        repeated = sorted(tensors.keys() & flat.keys())
+        if repeated:
+            raise ValueError(f"{file}: key {repeated[0]!r} appears in more than one shard")
+        flat.update(tensors)
     return unflatten(flat)
+
+
+def _read_file(file: str, skip: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """One safetensors file's tensors but those of the `skip` components; a truncated or corrupt file is
+    named (safetensors' own error names no file)."""
+    try:
+        with safe_open(file, framework="numpy") as reader:
+            return {key: reader.get_tensor(key) for key in reader.keys() if key.split(SEP, 1)[0] not in skip}
+    except SafetensorError as error:
+        raise ValueError(f"{file}: truncated or corrupt safetensors file ({error}); expected a complete file "
+                         f"written by save_params or a converter: convert or copy it again") from None
 
 
 def _safetensors_files(path: str | os.PathLike) -> list[str]:
@@ -86,6 +96,34 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: config file not found") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def family_markers(model_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """{family: marker} for every `<family>.json` in a converted folder whose "family" is its file name."""
+    model_dir = os.fspath(model_dir)
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"{model_dir}: model folder not found (expected a folder written by "
+                                "`python -m tools.convert_weights`)")
+    markers = {}
+    for name in sorted(os.listdir(model_dir)):
+        stem, suffix = os.path.splitext(name)
+        if suffix == ".json":
+            content = read_json(os.path.join(model_dir, name))
+            if isinstance(content, dict) and content.get("family") == stem:
+                markers[stem] = content
+    return markers
+
+
+def check_family(model_dir: str | os.PathLike, asked: str) -> None:
+    """Refuse a folder whose `<family>.json` names another family than `asked` (or several families); a
+    folder without one (assembled by hand) is left to the configs and the shape check."""
+    markers = family_markers(model_dir)
+    if not markers or list(markers) == [asked]:
+        return
+    held = " and ".join(f"{family} ({family}.json: {marker.get('dtype')}, converted from {marker.get('source')})"
+                        for family, marker in markers.items())
+    raise ValueError(f"{os.fspath(model_dir)}: this folder holds {held}; asked to load it as {asked}: pass a "
+                     f"folder converted for {asked}")
 
 
 def check_shapes(source: str, params: Mapping[str, Any], expected: Mapping[str, Any]) -> None:

@@ -50,10 +50,12 @@ def host_images(run: Run, latents, inputs) -> np.ndarray:
     return report.to_uint8(mesh_lib.host_rows(run.programs.decode(run.frozen_params, latents, inputs)))
 
 
-def reward_meta(batch: dict) -> dict:
-    """The loader's fields under the names rewards read (images as uint8); only those the data has."""
+def reward_meta(batch: dict, group_size: int) -> dict:
+    """The loader's fields under the names rewards read (images as uint8), only those the data has, and
+    'group': (B,) ids of the rows that share a prompt (consecutive runs of group_size)."""
     names = {"mask": "mask", "image": "source", "target": "reference", "target_text": "target_text"}
     meta = {name: batch[field] for field, name in names.items() if field in batch}
+    meta["group"] = np.arange(len(batch["prompt"])) // group_size
     for name in ("source", "reference"):
         if name in meta:
             meta[name] = report.to_uint8(meta[name])
@@ -116,7 +118,7 @@ def rollouts(run: Run, algorithm: Algorithm, key) -> tuple[dict, dict]:
                                              sample_window)
         images = host_images(run, clean, inputs)
         # scored in a worker thread while the next batch is rolled out
-        pending.append(run.rewards.submit(images, batch["prompt"], reward_meta(batch)))
+        pending.append(run.rewards.submit(images, batch["prompt"], reward_meta(batch, s.images_per_prompt)))
         pieces.append({"samples": samples, "cond": cond})
         loader_valid.append(np.asarray(batch.get("valid", np.ones(len(images), bool))))
     wait_start = time.time()

@@ -44,7 +44,7 @@ def evaluate(run: Run, tag: str) -> float:
         _, clean = run.programs.sample_eval(run.denoiser_base, params, cond, run.shard({"noise": noise}),
                                             jax.random.key(0), window)
         images = host_images(run, clean, inputs)
-        result = run.rewards(images, batch["prompt"], reward_meta(batch))
+        result = run.rewards(images, batch["prompt"], reward_meta(batch, group_size=1))
         valid = np.asarray(batch.get("valid", np.ones(len(images), bool))) & (result["valid"] > 0)
         scores.append(mesh_lib.all_hosts(result["score"])[mesh_lib.all_hosts(valid)])
         for i in range(min(len(images), config.eval.num_grid - len(rows))):

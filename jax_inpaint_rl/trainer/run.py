@@ -12,6 +12,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jax_inpaint_rl import algorithms, programs, report, setup
 from jax_inpaint_rl.algorithms import trainable as trainable_lib
@@ -23,6 +24,10 @@ from jax_inpaint_rl.models.family import Family
 from jax_inpaint_rl.parallel import mesh as mesh_lib
 from jax_inpaint_rl.parallel import partition
 from jax_inpaint_rl.rewards.calculator import RewardCalculator
+from jax_inpaint_rl.trainer import output
+
+
+PHASES = ("autoencoder", "warmup", "rl")
 
 
 @dataclasses.dataclass
@@ -55,11 +60,23 @@ class Run:
     latent_shape: tuple[int, ...]
     state: dict
     programs: Programs
+    lock: output.FolderLock | None = None
+    phase: str = PHASES[0]  # where the run stands: one of PHASES
+    phase_step: int = 0  # steps done in that phase
     epoch: int = 0
     history: list = dataclasses.field(default_factory=list)
+    last_saved_step: int = 0  # the optimizer step of the last checkpoint
     stop_requested: bool = False
     resumed_from: int | None = None
     summary: dict = dataclasses.field(default_factory=dict)
+
+    def close(self) -> None:
+        """Finish pending saves, stop the reward workers, close the logs, release the output folder."""
+        self.checkpointer.close()
+        self.rewards.close()
+        self.log.close()
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def frozen_params(self):
@@ -143,20 +160,35 @@ def _check_divisible(config, data_parallel: int) -> None:
 
 def build(config, *, family=None, params=None, loaders: dict | None = None,
           reward_fn: Callable | None = None) -> Run:
-    """Check the config and data, load (or take) the family, place params and state, build the programs.
+    """Check the config, the output folder and the data, load (or take) the family, place params and state,
+    build the programs. Nothing is written before every check passed.
 
     `family` / `params`, `loaders` ({'train', 'eval'} and optionally 'sft') and
     `reward_fn` replace what the config would build (tests, notebooks)."""
     algorithm, warmup = algorithms.from_config(config), algorithms.make("sft", config)
     setup.validate(config, algorithm)
     os.makedirs(config.output_dir, exist_ok=True)
-    with open(os.path.join(config.output_dir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    loaders = setup.build_loaders(config) if loaders is None else {"sft": loaders["train"], **loaders}
-    if family is None:
-        family, params = setup.build_family(config, setup.precomputed_embeddings(loaders))
-    setup.check_family(config, family)
-    setup.check_data(config, family, algorithm, loaders)
+    lock = output.FolderLock(config.output_dir) if jax.process_index() == 0 else None
+    try:
+        checkpointer = Checkpointer(os.path.join(config.output_dir, "checkpoints"), keep=config.checkpoint.keep)
+        output.check_resumable(config, checkpointer)
+        loaders = setup.build_loaders(config) if loaders is None else {"sft": loaders["train"], **loaders}
+        embeddings = setup.precomputed_embeddings(loaders)
+        checked = family if family is not None else setup.build_family(config, embeddings, weights=False)[0]
+        setup.check_family(config, checked, algorithm)
+        setup.check_data(config, checked, algorithm, loaders)
+        output.write_config(config)
+        if family is None:
+            family, params = setup.build_family(config, embeddings)
+        return _assemble(config, family, params, algorithm, warmup, loaders, checkpointer, lock, reward_fn)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _assemble(config, family, params, algorithm, warmup, loaders, checkpointer, lock, reward_fn) -> Run:
+    """Place the params and the initial train state on the mesh and build the programs."""
     if config.checkpoint.init_from:  # start from a previous run's export (the seeds' initial adapter path)
         params = {**params, family.denoiser_key: read_denoiser(config.checkpoint.init_from,
                                                                params[family.denoiser_key])}
@@ -174,17 +206,23 @@ def build(config, *, family=None, params=None, loaders: dict | None = None,
               for name, value in params.items() if name != family.denoiser_key}
     state = initial_state(trainable, programs.make_optimizer(config.train), algorithm.slots, config.ema.enabled,
                           jax.random.key(config.seed))
-    if config.train.autoencoder_steps > 0:  # a fitted autoencoder is part of what a resume needs
+    if config.train.autoencoder_steps > 0:  # the autoencoder fit's components and Adam state: part of a resume
         state["base"] = {name: value for name, value in frozen.items() if name not in offloaded}
+        state["autoencoder_opt"] = autoencoder_optimizer(config.train).init(state["base"])
     resolution = config.data.resolution
     latent_shape = family.latent_shape(resolution, resolution)
     rewards = setup.build_reward(config) if reward_fn is None else RewardCalculator({"custom": reward_fn},
                                                                                       {"custom": 1.0})
     return Run(config=config, family=family, algorithm=algorithm, warmup=warmup, mesh=mesh, loaders=loaders,
                rewards=rewards, log=report.MetricLog(config.output_dir, enabled=jax.process_index() == 0),
-               checkpointer=Checkpointer(os.path.join(config.output_dir, "checkpoints"), keep=config.checkpoint.keep),
-               frozen=frozen, denoiser_base=place(denoiser_base), merge=merge, latent_shape=latent_shape,
-               state=place(state), programs=build_programs(config, family, algorithm, merge, latent_shape))
+               checkpointer=checkpointer, frozen=frozen, denoiser_base=place(denoiser_base), merge=merge,
+               latent_shape=latent_shape, state=place(state), lock=lock,
+               programs=build_programs(config, family, algorithm, merge, latent_shape))
+
+
+def autoencoder_optimizer(train):
+    """Adam for the autoencoder fit of tiny models (trainer/autoencoder.py)."""
+    return optax.adam(train.autoencoder_learning_rate)
 
 
 def build_programs(config, family: Family, algorithm: Algorithm, merge, latent_shape) -> Programs:

@@ -15,8 +15,9 @@ Output folder:
   tokenizer/                       CLIP tokenizer files
   scheduler/, model_index.json     copied when the source has them (used by export-sd15)
   sd15_inpaint.json                {"family", "dtype", "source"}
-`--verify` runs the torch components and the converted Flax ones on the same random inputs and prints
-max |diff| and max |diff| / max |torch| per component.
+`--verify` runs the torch components and the converted Flax ones on the same random inputs, prints
+max |diff| and max |diff| / max |torch| per output, and fails (exit status 1, `VerificationError` naming
+each output) when a relative error exceeds --tolerance (default 1e-4, float32), as the Flux check does.
 """
 import json
 import os
@@ -33,6 +34,12 @@ from tools.convert_weights.components import (clip_text_rules, is_ignored, read_
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 OUTPUT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+VERIFY_TOLERANCE = 1e-4  # max |flax - torch| / max |torch| of any output in --verify (float32)
+
+
+class VerificationError(common.ConversionError):
+    """Converted outputs differ from the torch reference's beyond the tolerance."""
+
 
 # runwayml/stable-diffusion-inpainting's component configs (for single-file sources).
 SD15_UNET = dict(
@@ -226,7 +233,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dst", required=True, help="output folder")
     parser.add_argument("--dtype", default="float32", choices=sorted(OUTPUT_DTYPES), help="stored parameter dtype")
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (default: SRC/tokenizer)")
-    parser.add_argument("--verify", action="store_true", help="compare torch and Flax outputs after converting")
+    parser.add_argument("--verify", action="store_true", help="compare torch and Flax outputs after converting "
+                        "and fail above --tolerance")
+    parser.add_argument("--tolerance", type=float, default=VERIFY_TOLERANCE, help="--verify fails when max |diff| "
+                        "/ max |torch output| of any output exceeds this (float32 compute)")
 
 
 def run(args) -> None:
@@ -234,5 +244,16 @@ def run(args) -> None:
     convert_to_folder(args.src, args.dst, args.dtype, args.tokenizer)
     print(f"wrote {args.dst} in {time.perf_counter() - start:.1f}s")
     if args.verify:
-        for name, (abs_err, rel_err) in compare(torch_components(args.src), args.dst).items():
-            print(f"{name:22s} max|diff| {abs_err:.3e}   relative {rel_err:.3e}")
+        verify(args.src, args.dst, args.tolerance)
+
+
+def verify(src: str, dst: str, tolerance: float = VERIFY_TOLERANCE) -> dict:
+    """Print the comparison of `compare`; raise VerificationError naming every output above `tolerance`."""
+    results = compare(torch_components(src), dst)
+    for name, (abs_err, rel_err) in results.items():
+        print(f"{name:22s} max|diff| {abs_err:.3e}   relative {rel_err:.3e}")
+    failed = {name: rel for name, (_, rel) in results.items() if not rel <= tolerance}  # NaN fails too
+    if failed:
+        raise VerificationError(f"{dst}: verification against {src} failed (relative error above {tolerance:.0e}): "
+                                + ", ".join(f"{name} ({rel:.2e})" for name, rel in failed.items()))
+    return results

@@ -37,7 +37,7 @@ from jax_inpaint_rl.models.family import Family
 from jax_inpaint_rl.models.flux import transformer as flux_transformer
 from jax_inpaint_rl.models.flux.transformer import FluxConfig, FluxTransformer
 from jax_inpaint_rl.models.layers import clip_text, t5, vae as vae_lib
-from jax_inpaint_rl.models.params_io import check_shapes, load_params, read_json
+from jax_inpaint_rl.models.params_io import check_family, check_shapes, load_params, read_json
 from jax_inpaint_rl.models.random_init import random_params
 
 VARIANTS = ("flux_fill", "flux_kontext", "flux_dev")
@@ -249,6 +249,7 @@ def folder_family(model_dir: str, name: str = "flux_fill", dtype: Any = "float32
     """The Family (and its modules) of a converted folder: configs and tokenizers only, no weights read."""
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir}: converted Flux folder not found")
+    check_family(model_dir, name)
     config = lambda folder: os.path.join(model_dir, folder, "config.json")  # noqa: E731
     modules = build_modules(
         name,
@@ -319,14 +320,21 @@ def param_shapes(modules: Modules):
 def tiny(name: str = "flux_fill", seed: int = 0, dtype: Any = "float32", remat: bool = False):
     """(Family, params) of a tiny random Flux family, built in JAX (seconds on CPU at 32x32 / 64x64)."""
     modules = tiny_modules(name, dtype, remat)
-    return make_family(modules, hash_tokenize), random_params(param_shapes(modules), seed)
+    return tiny_family(modules), random_params(param_shapes(modules), seed)
+
+
+def tiny_family(modules: Modules) -> Family:
+    return make_family(modules, hash_tokenize)
 
 
 def build(name: str, *, path: str | None, seed: int = 0, dtype: Any = "float32", remat: bool = False,
-          embeddings: frozenset[str] = frozenset()):
-    """The registry's factory (models/family.py): a converted folder at `path`, or the tiny model. The text
-    encoders whose outputs `embeddings` supply are not loaded (the seeds' --offload_text_encoder_two, made
-    unnecessary)."""
+          embeddings: frozenset[str] = frozenset(), weights: bool = True):
+    """The registry's factory (models/family.py): a converted folder at `path`, or the tiny model; with
+    weights=False the family alone. The text encoders whose outputs `embeddings` supply are not loaded (the
+    seeds' --offload_text_encoder_two, made unnecessary)."""
+    if not weights:
+        return (tiny_family(tiny_modules(name, dtype, remat)) if path is None
+                else folder_family(path, name, dtype, remat)[0]), None
     skip = tuple(TEXT_EMBEDDINGS[name] for name in sorted(embeddings) if name in TEXT_EMBEDDINGS)
     if path is not None:
         return load(path, name, dtype, remat, skip=skip)

@@ -4,8 +4,9 @@ Params: `{'unet': ..., 'vae': ..., 'text_encoder': ...}`; the UNet is what RL tr
 prediction, DDIM schedule (leading spacing, offset 1), CFG by batch concatenation; inputs image + mask.
 - tokenize: CLIP ids padded to 77 (`{'input_ids': (B, 77) int32}`).
 - encode_prompt: `{'text': (B, 77, 768)}` CLIP last hidden state (after the final LayerNorm).
-- prepare_condition: `{'mask': (B, h, w, 1), 'masked_latents': (B, h, w, 4)}`: the mask resized to the
-  latent grid (torch nearest), and the VAE latents of image * (mask < 0.5). The pipeline samples the
+- prepare_condition: `{'mask': (B, h, w, 1), 'masked_latents': (B, h, w, 4)}`: the mask binarised at 0.5
+  (>= 0.5 -> 1, as diffusers' mask_processor does) and resized to the latent grid (torch nearest), and the
+  VAE latents of image * (binarised mask < 0.5). The pipeline samples the
   masked-image posterior; here it is its mean, so the condition is deterministic.
 - denoise: UNet on [latents 4, mask 1, masked-image latents 4] (9 channels; a 4-channel UNet gets the
   latents only) -> epsilon, in fp32. Unguided; the rollout concatenates uncond / cond for CFG.
@@ -105,8 +106,9 @@ def make_family(modules: Modules, tokenize, name: str = "sd15_inpaint") -> Famil
         image, mask = inputs["image"], inputs["mask"]
         check_image_and_mask(image, mask, downscale)
         height, width, _ = latent_shape(image.shape[1], image.shape[2])
-        return {"mask": latent_mask(mask.astype(jnp.float32), height, width),
-                "masked_latents": encode_image(params, masked_image(image, mask))}
+        binary = (mask >= 0.5).astype(jnp.float32)  # diffusers' mask_processor binarises before anything else
+        return {"mask": latent_mask(binary, height, width),
+                "masked_latents": encode_image(params, masked_image(image, binary))}
 
     def denoise(params, x, t, cond):
         unet_input = x
@@ -148,6 +150,9 @@ def char_tokenize(config: clip_text.CLIPTextConfig):
 
 
 def modules_from_folder(model_dir: str, dtype="float32", remat: bool = False) -> Modules:
+    """The modules a converted folder's configs describe; a folder whose `<family>.json` names another family
+    is refused by name."""
+    params_io.check_family(model_dir, "sd15_inpaint")
     configs = {c: params_io.read_json(os.path.join(model_dir, c, "config.json")) for c in COMPONENTS}
     return build_modules(configs["unet"], configs["vae"], configs["text_encoder"], dtype, remat=remat,
                          source=model_dir)
@@ -163,7 +168,8 @@ def family_from_folder(model_dir: str, name: str = "sd15_inpaint", dtype="float3
 def load(model_dir: str, name: str = "sd15_inpaint", dtype="float32", remat: bool = False,
          skip: tuple[str, ...] = ()) -> tuple[Family, dict]:
     """(Family, params) from a converted folder, every shape checked against the configs; params keep their
-    stored dtype. Components in `skip` are not read."""
+    stored dtype. Components in `skip` are not read. A folder whose `<family>.json` names another family
+    (a Flux conversion) is refused by name."""
     modules = modules_from_folder(model_dir, dtype, remat)
     family = family_from_folder(model_dir, name, modules=modules)
     params_dir = os.path.join(model_dir, "params")
@@ -173,19 +179,29 @@ def load(model_dir: str, name: str = "sd15_inpaint", dtype="float32", remat: boo
     return family, jax.tree.map(jnp.asarray, params)
 
 
+def tiny_family(name: str = "sd15_inpaint", dtype="float32", remat: bool = False, unet_config: dict | None = None,
+                vae_config: dict | None = None, text_config: dict | None = None) -> tuple[Family, Modules]:
+    """The small family (VAE downscale 4, 2-level UNet, 2-layer CLIP) and its modules; no files needed."""
+    modules = build_modules(unet_config or TINY_UNET, vae_config or TINY_VAE, text_config or TINY_TEXT, dtype,
+                            remat=remat, source="tiny")
+    return make_family(modules, char_tokenize(modules.text_encoder.config), name), modules
+
+
 def tiny(name: str = "sd15_inpaint", seed: int = 0, dtype="float32", remat: bool = False,
          unet_config: dict | None = None, vae_config: dict | None = None,
          text_config: dict | None = None) -> tuple[Family, dict]:
-    """A randomly initialised small family (VAE downscale 4, 2-level UNet, 2-layer CLIP); no files needed."""
-    modules = build_modules(unet_config or TINY_UNET, vae_config or TINY_VAE, text_config or TINY_TEXT, dtype,
-                            remat=remat, source="tiny")
-    return (make_family(modules, char_tokenize(modules.text_encoder.config), name),
-            random_params(modules.param_shapes(), seed, modules.unet.param_dtype))
+    """The small family with random parameters."""
+    family, modules = tiny_family(name, dtype, remat, unet_config, vae_config, text_config)
+    return family, random_params(modules.param_shapes(), seed, modules.unet.param_dtype)
 
 
 def build(name: str, *, path: str | None, seed: int = 0, dtype="float32", remat: bool = False,
-          embeddings: frozenset[str] = frozenset()) -> tuple[Family, dict]:
-    """The registry's factory (models/family.py): a converted folder at `path`, or the tiny model. CLIP runs
-    on every prompt (no precomputed embedding stands in for it), so `embeddings` changes nothing."""
+          embeddings: frozenset[str] = frozenset(), weights: bool = True) -> tuple[Family, dict | None]:
+    """The registry's factory (models/family.py): a converted folder at `path`, or the tiny model; with
+    weights=False the family alone. CLIP runs on every prompt (no precomputed embedding stands in for it), so
+    `embeddings` changes nothing."""
     del embeddings
+    if not weights:
+        return (tiny_family(name, dtype, remat)[0] if path is None else family_from_folder(path, name, dtype, remat),
+                None)
     return tiny(name, seed, dtype, remat) if path is None else load(path, name, dtype, remat)
