@@ -185,16 +185,17 @@ def build_family(config, embeddings: frozenset[str] = frozenset(), weights: bool
     return family, jax.tree.map(cast, params)
 
 
-def build_loaders(config) -> dict:
+def build_loaders(config, style_resolution: int = 0) -> dict:
     """{'train', 'eval', 'sft'} loaders; this host's shard of every batch. SFT batches hold
-    train.minibatch_size examples over all hosts (the seeds' --train_batch_size)."""
+    train.minibatch_size examples over all hosts (the seeds' --train_batch_size); with `style_resolution` (a
+    family that reads 'style_image') batches carry the style crop at that size."""
     hosts = jax.process_count()
     if config.train.minibatch_size % hosts:
         raise ValueError(f"config: train.minibatch_size={config.train.minibatch_size} must split over {hosts} hosts")
     train, held_out, sft = loaders_from_config(
         config.data, prompts_per_batch=config.sample.prompts_per_batch,
-        sft_batch_size=config.train.minibatch_size // hosts, seed=config.seed, process_index=jax.process_index(),
-        process_count=hosts)
+        sft_batch_size=config.train.minibatch_size // hosts, style_resolution=style_resolution or None,
+        seed=config.seed, process_index=jax.process_index(), process_count=hosts)
     if held_out is None:
         raise ValueError("config: data.eval_path is empty: a held-out set is needed for evaluation")
     return {"train": train, "eval": held_out, "sft": sft}

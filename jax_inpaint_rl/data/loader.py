@@ -286,7 +286,7 @@ class Loader:
 
 
 def loaders_from_config(data, *, prompts_per_batch: int, seed: int, sft_batch_size: int | None = None,
-                        process_index: int = 0, process_count: int = 1):
+                        style_resolution: int | None = None, process_index: int = 0, process_count: int = 1):
     """(train, eval or None, sft or None) loaders for a config's `data` section.
 
     data.format 'synthetic' generates data.num_examples / data.num_eval_examples
@@ -296,7 +296,8 @@ def loaders_from_config(data, *, prompts_per_batch: int, seed: int, sft_batch_si
     Train batches hold prompts_per_batch prompts per host (the trainer forms the
     groups), eval batches prompts_per_batch distinct prompts in file order, and
     SFT batches (when `sft_batch_size` is given) sft_batch_size examples per host,
-    in their own seeded order over the train set.
+    in their own seeded order over the train set. With `style_resolution` every
+    batch carries the style image.
     """
     if data.format == "synthetic":
         kinds = tuple(data.synthetic_kinds)
@@ -307,7 +308,8 @@ def loaders_from_config(data, *, prompts_per_batch: int, seed: int, sft_batch_si
             raise ValueError(f"config: data.path is empty for data.format={data.format!r}")
         train_source = open_source(data.path)
         eval_source = open_source(data.eval_path) if data.eval_path else None
-    hosts = dict(process_index=process_index, process_count=process_count, resolution=data.resolution)
+    hosts = dict(process_index=process_index, process_count=process_count, resolution=data.resolution,
+                 style_resolution=style_resolution)
     train = Loader(train_source, prompts_per_batch=prompts_per_batch, seed=seed, **hosts)
     held_out = (Loader(eval_source, prompts_per_batch=prompts_per_batch, shuffle=False, **hosts)
                 if eval_source is not None else None)

@@ -63,12 +63,17 @@ class Family:
     text_encoders: tuple[str, ...] = ()
     # precomputed embedding name -> the text encoder (a `text_encoders` entry) it stands in for
     text_embeddings: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # side of the square 'style_image' (the target cropped to the mask's box) a family with that input reads
+    style_resolution: int = 0
 
     def __post_init__(self):
         unknown = set(self.inputs) - set(INPUT_FIELDS)
         if unknown:
             raise ValueError(f"family {self.name}: inputs {sorted(unknown)} unknown; expected a subset of "
                              f"{INPUT_FIELDS}")
+        if ("style_image" in self.inputs) != (self.style_resolution > 0):
+            raise ValueError(f"family {self.name}: style_resolution={self.style_resolution} must be > 0 exactly when "
+                             "'style_image' is one of its inputs")
         if not set(self.text_embeddings.values()) <= set(self.text_encoders):
             raise ValueError(f"family {self.name}: text_embeddings {dict(self.text_embeddings)} name components "
                              f"outside text_encoders {self.text_encoders}")

@@ -172,9 +172,10 @@ def build(config, *, family=None, params=None, loaders: dict | None = None,
     try:
         checkpointer = Checkpointer(os.path.join(config.output_dir, "checkpoints"), keep=config.checkpoint.keep)
         output.check_resumable(config, checkpointer)
-        loaders = setup.build_loaders(config) if loaders is None else {"sft": loaders["train"], **loaders}
+        checked = family if family is not None else setup.build_family(config, weights=False)[0]
+        loaders = (setup.build_loaders(config, checked.style_resolution) if loaders is None
+                   else {"sft": loaders["train"], **loaders})
         embeddings = setup.precomputed_embeddings(loaders)
-        checked = family if family is not None else setup.build_family(config, embeddings, weights=False)[0]
         setup.check_family(config, checked, algorithm)
         setup.check_data(config, checked, algorithm, loaders)
         output.write_config(config)
