@@ -72,3 +72,28 @@ def test_bad_flags_name_the_value(flags, named, capsys):
     with pytest.raises(SystemExit):
         rl_step.parse_args(["--family", "sd15_inpaint", "--size", "tiny", *flags])
     assert named in capsys.readouterr().err
+
+
+def test_gpu_suite_dry_run_writes_every_phase_and_the_table(tmp_path, one_torch_thread):
+    """The whole GPU suite with tiny configs on the CPU: every phase gives a result (none fails), the records
+    are appended and the README table gets the row."""
+    from tools.bench import gpu_suite
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{gpu_suite.MARK_BEGIN}\nold\n{gpu_suite.MARK_END}\nrest\n")
+    records = gpu_suite.main(["--dry", "--family", "flux_fill", "--out", str(tmp_path / "results.jsonl"),
+                              "--readme", str(readme)])
+    assert [r["phase"] for r in records] == ["rl_step_lora", "rl_step_full", "attention", "numerics", "memory"]
+    assert all("result" in r for r in records), [r.get("error") for r in records]
+    by_phase = {r["phase"]: r["result"] for r in records}
+    assert by_phase["rl_step_lora"]["config"]["trainable"] == "lora"
+    assert by_phase["rl_step_lora"]["ours"]["update_grpo"]["trained_params"] < by_phase["rl_step_full"]["ours"][
+        "update_grpo"]["trained_params"]
+    assert by_phase["numerics"]["denoiser_call_relative_error"] < 1e-3  # float32 on the CPU
+    assert by_phase["numerics"]["first_ratio_deviation"]["ours"] < 1e-5
+    assert by_phase["attention"]["recommended"] in ("None", "xla")  # cudnn: NVIDIA GPUs only
+    assert "unavailable" in by_phase["attention"]["implementations"]["cudnn"]
+    assert by_phase["memory"]["estimates"][1]["update_grpo"]["peak_estimate_bytes"] > by_phase["memory"][
+        "estimates"][0]["update_grpo"]["peak_estimate_bytes"]
+    text = readme.read_text()
+    assert "old" not in text and "| flux_fill |" in text and text.startswith("intro") and text.endswith("rest\n")

@@ -101,6 +101,7 @@ def measure_update(algorithm, config, policy, denoiser, micro_batch, key, repeat
 
     timings, _ = measure.timed_runs(step, jax.block_until_ready, repeats, f"ours {algorithm.name} update")
     return {"compile_s": accumulate_s + apply_s, **timings,
+            "trained_params": sum(leaf.size for leaf in jax.tree.leaves(trainable)),
             **measure.program_flops([(accumulate, accumulate_jaxpr), (apply, apply_jaxpr)])}
 
 

@@ -209,9 +209,27 @@ def nft_update(runner, old_runner, net, optimizer, denoise, tables, batch, confi
 
 
 def make_optimizer(net, train_config) -> torch.optim.Optimizer:
+    """AdamW over what trains (every weight, or the LoRA adapters when `add_lora` froze the rest)."""
     t = train_config
-    return torch.optim.AdamW(net.parameters(), lr=t.learning_rate, betas=(t.adam_b1, t.adam_b2),
+    trained = [p for p in net.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trained, lr=t.learning_rate, betas=(t.adam_b1, t.adam_b2),
                              weight_decay=t.weight_decay, eps=1e-8)
+
+
+# the attention projections our default LoRA pattern matches (algorithms/trainable.py), in diffusers' names
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def add_lora(net: torch.nn.Module, train_config) -> torch.nn.Module:
+    """peft LoRA of the config's rank and alpha on the attention projections; the base weights frozen."""
+    from peft import LoraConfig
+
+    names = {name.rsplit(".", 1)[-1] if not name.endswith("to_out.0") else "to_out.0"
+             for name, _ in net.named_modules()}
+    net.requires_grad_(False)
+    net.add_adapter(LoraConfig(r=train_config.lora_rank, lora_alpha=train_config.lora_alpha,
+                               target_modules=[target for target in LORA_TARGETS if target in names]))
+    return net
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
@@ -302,7 +320,10 @@ def run(model: Model, configs: dict, inputs: dict, args, device_type: str) -> di
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 float32 matmuls, as XLA's default precision on GPU
     net = build_denoiser(model, TORCH_DTYPES[args.dtype], device, args.seed, configs["grpo"].model.remat)
-    results = {"params": sum(p.numel() for p in net.parameters()),
+    params = sum(p.numel() for p in net.parameters())
+    if configs["grpo"].train.trainable == "lora":
+        net = add_lora(net, configs["grpo"].train)
+    results = {"params": params, "trained": sum(p.numel() for p in net.parameters() if p.requires_grad),
                "eager": run_variant(net, False, model, configs, inputs, args, device),
                "compiled": run_variant(net, True, model, configs, inputs, args, device) if args.torch_compile
                else None}

@@ -42,8 +42,9 @@ DTYPES = ("float32", "bfloat16")
 TINY_DEFAULTS = dict(steps=4, batch=2, resolution=32, dtype="float32", repeats=3)
 FULL_DEFAULTS = dict(dtype="bfloat16", repeats=5)
 WEIGHTS = "random, drawn independently on each side from the same denoiser config (speed only is compared)"
-OVERRIDES = ("SDE with log-probs at every step (window_size 0); full fine-tuning, ema off and kl_beta 0 on both "
-             "sides (the reference has no LoRA, EMA or KL model); params and compute in --dtype on both sides")
+OVERRIDES = ("SDE with log-probs at every step (window_size 0); --trainable on both sides (LoRA: the recipe's rank "
+             "and alpha on the attention projections, peft on the torch side); ema off and kl_beta 0 on both sides "
+             "(the reference has no EMA or KL model); params and compute in --dtype on both sides")
 DEFAULT_OUT = Path(__file__).parent / "results.jsonl"
 
 
@@ -62,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="timed calls per measurement, after two warm-up calls (tiny 3, full 5)")
     parser.add_argument("--torch-threads", type=int, help="torch's CPU threads (default: torch's own); 1 avoids "
                                                           "OpenMP stalls on a CPU shared with other jobs")
+    parser.add_argument("--trainable", choices=("full", "lora"), default="full",
+                        help="what the updates train: the whole denoiser, or LoRA adapters (the recipe's rank)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL file the record is appended to")
     args = parser.parse_args(argv)
@@ -89,7 +92,7 @@ def bench_config(recipe: str, args):
     config.model.compute_dtype = config.model.param_dtype = args.dtype
     config.ema.enabled = False
     config.grpo.kl_beta = config.nft.kl_beta = 0.0
-    config.train.trainable = "full"
+    config.train.trainable = args.trainable
     config.train.minibatch_size, config.train.timestep_mode, config.train.inner_epochs = args.batch, "one", 1
     return config
 
@@ -159,6 +162,7 @@ def run(args) -> dict:
         "config": {"family": args.family, "size": args.size, "steps": args.steps, "batch": args.batch,
                    "resolution": args.resolution, "dtype": args.dtype, "repeats": args.repeats,
                    "torch_compile": args.torch_compile, "seed": args.seed, "remat": remat,
+                   "trainable": args.trainable,
                    "sampler": sample.sampler, "noise_level": sample.noise_level,
                    "guidance": f"{model.family.guidance} {sample.guidance_scale}",
                    "latent_shape": list(inputs["x_init"].shape[1:]), "recipes": RECIPES[args.family],

@@ -1,0 +1,60 @@
+"""`jax.nn.dot_product_attention` implementations on a family's attention shapes: speed, and error against
+float32.
+
+The shapes are the family's largest attention at the bench resolution: Flux's
+joint attention over text + image tokens (24 heads of 128 at full size), SD1.5's
+self-attention at the first UNet level (8 heads of 40). Each implementation
+(None: JAX picks, 'xla', 'cudnn': the fused flash kernel on NVIDIA GPUs) is
+timed in the bench dtype and compared with 'xla' in float32 (max |diff| / max
+|reference|); one that cannot run here is recorded with its reason.
+`recommended` is the fastest within TOLERANCE: what `model.attention` should
+be set to on this device.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tools.bench import measure
+from tools.bench.models import Model
+
+IMPLEMENTATIONS = (None, "xla", "cudnn")
+TOLERANCE = 2e-2  # bf16 has 8 bits of mantissa: a max error of ~1e-2 of the output scale is its rounding
+
+
+def shape(model: Model, batch: int, resolution: int) -> tuple[int, int, int, int]:
+    """(batch, tokens, heads, head dim) of the family's largest attention at `resolution`."""
+    config = model.denoiser_config
+    height, width, _ = model.family.latent_shape(resolution, resolution)
+    if model.name == "flux_fill":
+        text = model.conditioning(np.random.default_rng(0), 1)["text"].shape[1]
+        return batch, height * width + text, config["num_attention_heads"], config["attention_head_dim"]
+    heads = config["attention_head_dim"]
+    heads = heads[0] if isinstance(heads, (list, tuple)) else heads
+    return batch, height * width, heads, config["block_out_channels"][0] // heads
+
+
+def run(model: Model, batch: int, resolution: int, dtype: str, repeats: int, device) -> dict:
+    dims = shape(model, batch, resolution)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q32, k32, v32 = (jax.device_put(jax.random.normal(key, dims, jnp.float32), device) for key in keys)
+    reference = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation="xla"))(q32, k32, v32)
+    q, k, v = (a.astype(dtype) for a in (q32, k32, v32))
+    results = {}
+    for implementation in IMPLEMENTATIONS:
+        name = str(implementation)
+        attend = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation=implementation))
+        try:
+            compiled = attend.lower(q, k, v).compile()
+        except Exception as error:  # e.g. cudnn off NVIDIA GPUs, or shapes its kernel does not take
+            results[name] = {"unavailable": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+            continue
+        timings, out = measure.timed_runs(lambda: compiled(q, k, v), jax.block_until_ready, repeats,
+                                          f"attention {name}")
+        error = float(jnp.abs(out.astype(jnp.float32) - reference).max() / jnp.abs(reference).max())
+        results[name] = {"median_s": timings["median_s"], "relative_error": error}
+    within = {name: r for name, r in results.items() if "median_s" in r and r["relative_error"] <= TOLERANCE}
+    return {"shape": dict(zip(("batch", "tokens", "heads", "head_dim"), dims)), "dtype": dtype,
+            "implementations": results, "tolerance": TOLERANCE,
+            "recommended": min(within, key=lambda name: within[name]["median_s"]) if within else None}
