@@ -26,7 +26,7 @@ class FakeInpainter:
     """What run_batch uses of an Inpainter: family.inputs, resolution, and a call that records its batches."""
 
     def __init__(self, inputs=("image", "mask")):
-        self.family = types.SimpleNamespace(inputs=inputs)
+        self.family = types.SimpleNamespace(inputs=inputs, style_resolution=0)
         self.resolution = RES
         self.calls = []
 

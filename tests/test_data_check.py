@@ -85,6 +85,10 @@ def test_check_says_what_a_family_and_targets_need(tmp_path, capsys):
     capsys.readouterr()
     assert check.main([str(inpaint), "--family", "sd15_inpaint"]) == 1
     assert "precomputed embeddings ['t5'] are not inputs of sd15_inpaint" in capsys.readouterr().out
+    assert check.main([str(inpaint), "--family", "calligrapher"]) == 1  # its style image: the target's mask box
+    report = capsys.readouterr().out
+    assert f"{inpaint}: no 'target' in every example; calligrapher's style image is cropped from it" in report
+    assert "style_image" not in report
 
 
 def test_expected_embedding_shape_from_the_command_line(tmp_path, capsys):

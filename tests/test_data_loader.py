@@ -97,6 +97,24 @@ def test_resize_and_crop_keeps_image_mask_and_target_aligned_and_the_mask_in_vie
     assert crop.shape == (8, 8, 3) and (crop == 0).all()  # the target inside the mask's box
 
 
+def test_style_crop_letterboxes_the_masks_box_onto_black():
+    """A wide box keeps its aspect: scaled to the square's width, centred, black above and below (Calligrapher's
+    resize_img_and_pad); a tall one gets black at the sides."""
+    target = np.full((60, 80, 3), 200, np.uint8)
+    mask = np.zeros((60, 80, 1), np.float32)
+    mask[20:30, 10:50] = 1.0  # 40 wide, 10 high: 4:1
+    crop = style_crop(target, mask, 16)
+    assert crop.shape == (16, 16, 3)
+    rows = np.flatnonzero(crop[..., 0].max(axis=1) > 0)
+    assert (rows[0], rows[-1]) == (6, 9) and (crop[6:10] == 200).all()  # 16 x 4 content, centred
+    assert (crop[:6] == 0).all() and (crop[10:] == 0).all()
+    mask_tall = np.zeros((60, 80, 1), np.float32)
+    mask_tall[10:50, 20:30] = 1.0  # 10 wide, 40 high
+    crop = style_crop(target, mask_tall, 16)
+    cols = np.flatnonzero(crop[..., 0].max(axis=0) > 0)
+    assert (cols[0], cols[-1]) == (6, 9) and (crop[:, :6] == 0).all() and (crop[:, 10:] == 0).all()
+
+
 def test_loader_batches_style_images_and_prompt_only_sets(tmp_path):
     styled = Loader(SyntheticSource(4, resolution=32), prompts_per_batch=2, resolution=24, style_resolution=8,
                     prefetch=0)

@@ -95,12 +95,16 @@ def run_ours(family, params, image, mask, noise, guidance: float):
     shape = family.latent_shape(SIZE, SIZE)
     schedule = family.schedule(STEPS, shape)
     np.testing.assert_array_equal(schedule["sigma"], schedules.flux_schedule(STEPS, shape[0] * shape[1])["sigma"])
-    x = jnp.asarray(noise).reshape(BATCH, *shape)
+    return euler_sample(family, params, cond, jnp.asarray(noise).reshape(BATCH, *shape), schedule), cond
+
+
+def euler_sample(family, params, cond, x, schedule):
+    """The flow Euler loop diffusers' Flux pipelines run from latents x: x += (sigma_next - sigma) * velocity."""
     step = jax.jit(family.denoise)
-    for i in range(STEPS):
-        t = jnp.full((BATCH,), schedule["sigma"][i])
-        x = x + (schedule["sigma_next"][i] - schedule["sigma"][i]) * step(params, x, t, cond)
-    return x, cond
+    for sigma, sigma_next in zip(schedule["sigma"], schedule["sigma_next"]):
+        t = jnp.full((x.shape[0],), sigma)
+        x = x + (sigma_next - sigma) * step(params, x, t, cond)
+    return x
 
 
 def run_diffusers(name, pipe, image, mask, noise, guidance: float, monkeypatch):

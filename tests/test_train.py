@@ -504,6 +504,23 @@ def test_param_dtype_is_applied_to_the_loaded_weights(tmp_path):
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 
 
+def test_a_subset_trains_in_fp32_over_a_bf16_base(tmp_path):
+    """model.param_dtype='bfloat16' casts the frozen base; the trained subset, its Adam moments and EMA stay fp32,
+    and the run moves it (bf16 copies would round lr-sized steps away)."""
+    config = make_config(tmp_path, "grpo", model__param_dtype="bfloat16", train__trainable="subset",
+                         train__trainable_pattern="/(w3|b3)$", ema__enabled=True, train__num_epochs=1)
+    family, params = toy_family.tiny(seed=0, resolution=RES)
+    params = jax.tree.map(lambda leaf: leaf.astype(jnp.bfloat16), params)  # as setup.build_family casts
+    runner = train.fit(config, family=family, params=params, loaders=loaders_for(config, 6, ()),
+                       reward_fn=colour_reward)
+    state = runner.state
+    assert {leaf.dtype for leaf in jax.tree.leaves(runner.denoiser_base)} == {jnp.dtype(jnp.bfloat16)}
+    for slot in ("params", "ema", "opt_state"):
+        assert {leaf.dtype for leaf in jax.tree.leaves(state[slot]) if leaf.ndim} == {jnp.dtype(jnp.float32)}, slot
+    initial = runner.denoiser_base["w3"].astype(jnp.float32)
+    assert np.any(np.asarray(state["params"]["w3"]) != np.asarray(initial))
+
+
 def test_scanned_trained_steps_train_like_one_call_per_step(tmp_path):
     """train.scan_trained_steps runs a minibatch's steps in one lax.scan program: the same update."""
     scanned, _ = run(make_config(tmp_path / "scan", "grpo", train__scan_trained_steps=True, train__num_epochs=1))

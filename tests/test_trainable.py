@@ -84,6 +84,22 @@ def test_subset_and_full():
     assert trainable.merge(full, {}, base) is base
 
 
+def test_subset_of_a_bf16_base_trains_in_fp32():
+    """An Adam-sized step (1e-4) on leaves of order 1 is far below bf16's spacing there (2^-7): a bf16 copy drops
+    it; the fp32 master keeps it and the merged model carries it."""
+    base = jax.tree.map(lambda leaf: leaf.astype(jnp.bfloat16), base_params())
+    subset = spec("subset", r"^/proj/")
+    chosen = trainable.init(subset, base, jax.random.key(0))
+    assert {leaf.dtype for leaf in jax.tree.leaves(chosen)} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_array_equal(chosen["proj"]["kernel"], base["proj"]["kernel"].astype(jnp.float32))
+    in_bf16 = base["proj"]["kernel"] + jnp.asarray(1e-4, jnp.bfloat16)
+    assert np.mean(np.asarray(in_bf16 == base["proj"]["kernel"])) > 0.9
+    stepped = jax.tree.map(lambda leaf: leaf + 1e-4, chosen)
+    merged = trainable.merge(subset, base, stepped)
+    assert merged["proj"]["kernel"].dtype == jnp.float32 and merged["conv"]["kernel"].dtype == jnp.bfloat16
+    assert np.all(np.asarray(merged["proj"]["kernel"]) != np.asarray(base["proj"]["kernel"], np.float32))
+
+
 def test_bad_specs_are_named():
     with pytest.raises(ValueError, match="train.trainable='qlora'"):
         spec("qlora")

@@ -76,13 +76,19 @@ def _selected(spec: Trainable, params: Params) -> dict[tuple, Any]:
     return chosen
 
 
+def _master_dtype(leaf) -> jnp.dtype:
+    """fp32 for a floating leaf: Adam's ~lr-sized steps vanish in bf16's 8-bit mantissa."""
+    return jnp.float32 if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype
+
+
 def init(spec: Trainable, params: Params, key: jax.Array) -> Params:
     """The trainable tree for the loaded denoiser `params` (for 'full', `params` itself)."""
     if spec.mode == "full":
         return params
     chosen = _selected(spec, params)
-    if spec.mode == "subset":  # copies: training donates its buffers, the base keeps its own
-        return traverse_util.unflatten_dict({path: jnp.array(leaf) for path, leaf in chosen.items()})
+    if spec.mode == "subset":  # fp32 copies (master weights, as LoRA's), whatever dtype the frozen base keeps
+        return traverse_util.unflatten_dict({path: jnp.array(leaf, _master_dtype(leaf))
+                                             for path, leaf in chosen.items()})
     adapters = {}
     for (path, kernel), leaf_key in zip(chosen.items(), jax.random.split(key, len(chosen))):
         if kernel.ndim not in (2, 3):

@@ -56,16 +56,17 @@ def main(argv=None) -> int:
 
 def fit_problems(source, family_name: str | None, targets: bool) -> list[str]:
     """What the family reads and the run needs but the data lacks, and embeddings the family does not take."""
-    wanted, takes = {"target"} if targets else set(), None
+    why, takes = {"target": "--targets asks for it"} if targets else {}, None
     if family_name:
         from jax_inpaint_rl.models.family import factory  # the model code only when a family is named
 
         family, _ = factory(family_name)(family_name, path=None, weights=False)
-        wanted |= set(family.inputs)
+        why.update({field: f"{family_name} reads it" for field in family.inputs if field != "style_image"})
+        if "style_image" in family.inputs:  # the loader crops it from the target inside the mask's box
+            why.update({field: f"{family_name}'s style image is cropped from it" for field in ("mask", "target")})
         takes = set(family.text_embeddings)
-    problems = [f"{source.name}: no '{field}' in every example; "
-                + (f"{family_name} reads it" if field != "target" else "--targets asks for it")
-                for field in sorted(wanted - set(source.fields))]
+    problems = [f"{source.name}: no '{field}' in every example; {why[field]}"
+                for field in sorted(set(why) - set(source.fields))]
     given = {field.split(":", 1)[1] for field in source.fields if field.startswith("embedding:")}
     if takes is not None and given - takes:
         problems.append(f"{source.name}: precomputed embeddings {sorted(given - takes)} are not inputs of "

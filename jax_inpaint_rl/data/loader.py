@@ -22,7 +22,7 @@ prompt are adjacent):
     image, target             float32 (B, H, W, 3) in [-1, 1]   (sources with images)
     mask                      float32 (B, H, W, 1) in {0, 1}     (inpaint sources)
     style_image               float32 (B, S, S, 3) in [-1, 1]: target cropped to the
-                              mask's bounding box (with style_resolution)
+                              mask's bounding box, letterboxed onto black (with style_resolution)
     embeddings                {name: (B, ...) array}
     group_id                  int32 (B,): global prompt slot, process_index *
                               prompts_per_batch + local prompt (what advantages group by)
@@ -82,10 +82,16 @@ def _resize_crop_rgb(image: np.ndarray, size: tuple[int, int], window: tuple[int
 
 
 def style_crop(target: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
-    """The target inside the mask's bounding box, resized to (size, size): the adapter's style image."""
+    """The target inside the mask's bounding box, letterboxed onto a black (size, size) square: the adapter's
+    style image. The crop keeps its aspect: scaled (bilinear) by min(size / w, size / h) and centred, as
+    Calligrapher's `resize_img_and_pad` prepares its reference."""
     top, left, bottom, right = masks.bounding_box(mask)
     crop = Image.fromarray(target[top:bottom, left:right])
-    return np.asarray(crop.resize((size, size), Image.BICUBIC))
+    scale = min(size / crop.width, size / crop.height)
+    width, height = max(1, int(crop.width * scale)), max(1, int(crop.height * scale))
+    square = Image.new("RGB", (size, size), (0, 0, 0))
+    square.paste(crop.resize((width, height), Image.BILINEAR), ((size - width) // 2, (size - height) // 2))
+    return np.asarray(square)
 
 
 def to_unit_range(image: np.ndarray) -> np.ndarray:

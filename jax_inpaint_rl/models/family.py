@@ -87,6 +87,7 @@ FAMILIES = {
     "flux_fill": "jax_inpaint_rl.models.flux.family:build",
     "flux_kontext": "jax_inpaint_rl.models.flux.family:build",
     "flux_dev": "jax_inpaint_rl.models.flux.family:build",
+    "calligrapher": "jax_inpaint_rl.models.calligrapher.family:build",
 }
 
 

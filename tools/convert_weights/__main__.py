@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "flux-kontext": "tools.convert_weights.flux_cli",
     "flux-dev": "tools.convert_weights.flux_cli",
     "export-flux": "tools.convert_weights.flux_export",
+    "calligrapher": "tools.convert_weights.calligrapher",
+    "export-calligrapher": "tools.convert_weights.calligrapher",
 }
 
 

@@ -194,12 +194,17 @@ def qkv_heads(x, heads: int, head_dim: int, dtype, names=IMG_NAMES):
 
 
 class DoubleBlock(nn.Module):
-    """Separate weights for the text and image streams, one joint attention over [text, image]."""
+    """Separate weights for the text and image streams, one joint attention over [text, image].
+
+    `attention` replaces the attention sub-module (a class taking heads=, head_dim=, dtype=, name=; an
+    adapter such as Calligrapher's adds a term with the same parameter names plus its own), which receives
+    the block's `extra` inputs after (img, txt, cos, sin)."""
     config: FluxConfig
     dtype: Any
+    attention: Any = None
 
     @nn.compact
-    def __call__(self, carry, temb, cos, sin):
+    def __call__(self, carry, temb, cos, sin, *extra):
         txt, img = carry
         c = self.config
         dim = c.inner_dim
@@ -208,9 +213,10 @@ class DoubleBlock(nn.Module):
         txt_shift, txt_scale, txt_gate, txt_shift_mlp, txt_scale_mlp, txt_gate_mlp = Modulation(
             6, self.dtype, name="norm1_context")(temb)
 
-        attn = _DoubleAttention(c.num_attention_heads, c.attention_head_dim, self.dtype, name="attn")
+        attn = (self.attention or _DoubleAttention)(heads=c.num_attention_heads, head_dim=c.attention_head_dim,
+                                                    dtype=self.dtype, name="attn")
         img_attn, txt_attn = attn(modulate(layer_norm(img), img_shift, img_scale),
-                                  modulate(layer_norm(txt), txt_shift, txt_scale), cos, sin)
+                                  modulate(layer_norm(txt), txt_shift, txt_scale), cos, sin, *extra)
 
         img = img + img_gate[:, None] * img_attn
         img_ff = FeedForward(dim, self.dtype, name="ff")(modulate(layer_norm(img), img_shift_mlp, img_scale_mlp))
@@ -256,36 +262,43 @@ class _SingleAttention(nn.Module):
 
 
 class SingleBlock(nn.Module):
-    """One stream over [text, image]: attention and MLP in parallel, one output projection."""
+    """One stream over [text, image]: attention and MLP in parallel, one output projection; `attention` as in
+    DoubleBlock (it receives (x, cos, sin, *extra))."""
     config: FluxConfig
     dtype: Any
+    attention: Any = None
 
     @nn.compact
-    def __call__(self, x, temb, cos, sin):
+    def __call__(self, x, temb, cos, sin, *extra):
         c = self.config
         shift, scale, gate = Modulation(3, self.dtype, name="norm")(temb)
         normed = modulate(layer_norm(x), shift, scale)
         mlp = nn.gelu(nn.Dense(4 * c.inner_dim, dtype=self.dtype, name="proj_mlp")(normed), approximate=True)
-        attn = _SingleAttention(c.num_attention_heads, c.attention_head_dim, self.dtype, name="attn")(normed, cos, sin)
+        attn = (self.attention or _SingleAttention)(heads=c.num_attention_heads, head_dim=c.attention_head_dim,
+                                                    dtype=self.dtype, name="attn")(normed, cos, sin, *extra)
         out = nn.Dense(c.inner_dim, dtype=self.dtype, name="proj_out")(jnp.concatenate([attn, mlp], axis=-1))
         return x + gate[:, None] * out, None
 
 
-def _stack(block_cls, length: int, remat: bool):
-    """`length` copies of a block as one scanned module (params on a leading layer axis)."""
+def _stack(block_cls, length: int, remat: bool, broadcast: int = 3):
+    """`length` copies of a block as one scanned module (params on a leading layer axis); the `broadcast`
+    inputs after the carry (temb, RoPE tables, extras) are the same for every layer."""
     if remat:
         block_cls = nn.remat(block_cls, prevent_cse=False)
     return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=length)
+                   in_axes=(nn.broadcast,) * broadcast, length=length)
 
 
 class FluxTransformer(nn.Module):
     config: FluxConfig
     dtype: Any = jnp.float32  # compute dtype; parameters keep their own dtype
     remat: bool = False  # rematerialise each block in the backward pass
+    double_attention: Any = None  # the blocks' attention sub-modules (DoubleBlock / SingleBlock `attention`)
+    single_attention: Any = None
 
     @nn.compact
-    def __call__(self, hidden, text, pooled, timestep, img_ids, txt_ids, guidance=None):
+    def __call__(self, hidden, text, pooled, timestep, img_ids, txt_ids, guidance=None, extra=()):
+        """`extra`: inputs every block's attention receives (e.g. an adapter's image tokens)."""
         c = self.config
         _check_inputs(c, hidden, text, pooled, timestep, img_ids, txt_ids, guidance)
         img = nn.Dense(c.inner_dim, dtype=self.dtype, name="x_embedder")(hidden.astype(self.dtype))
@@ -294,10 +307,13 @@ class FluxTransformer(nn.Module):
             timestep, guidance, pooled)
         cos, sin = rope_tables(jnp.concatenate([txt_ids, img_ids], axis=0), c.axes_dims_rope)
 
-        double = _stack(DoubleBlock, c.num_layers, self.remat)(c, self.dtype, name="double_blocks")
-        (txt, img), _ = double((txt, img), temb, cos, sin)
-        single = _stack(SingleBlock, c.num_single_layers, self.remat)(c, self.dtype, name="single_blocks")
-        joint, _ = single(jnp.concatenate([txt, img], axis=1), temb, cos, sin)
+        broadcast = 3 + len(extra)
+        double = _stack(DoubleBlock, c.num_layers, self.remat, broadcast)(c, self.dtype, self.double_attention,
+                                                                          name="double_blocks")
+        (txt, img), _ = double((txt, img), temb, cos, sin, *extra)
+        single = _stack(SingleBlock, c.num_single_layers, self.remat, broadcast)(
+            c, self.dtype, self.single_attention, name="single_blocks")
+        joint, _ = single(jnp.concatenate([txt, img], axis=1), temb, cos, sin, *extra)
         img = joint[:, txt.shape[1]:]
 
         scale, shift = Modulation(2, self.dtype, name="norm_out")(temb)

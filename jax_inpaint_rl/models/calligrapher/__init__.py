@@ -1,0 +1,1 @@
+"""Calligrapher: Flux.1 Fill with the SigLIP image-prompt adapter (family.py, adapter.py)."""
