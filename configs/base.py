@@ -14,6 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # weights kept in this dtype (frozen base, encoders, full fine-tuning)
     c.model.compute_dtype = "float32"  # --mixed_precision: bfloat16 runs the models in bf16 (float16: refused)
     c.model.remat = False  # --gradient_checkpointing
+    # attention kernel: auto (JAX picks) | xla | cudnn (flash, NVIDIA GPUs, bf16); tools/bench/gpu_suite.py measures
+    c.model.attention = "auto"
     c.model.offload_text_encoders = False  # --offload_text_encoder_two: encoders in host memory, sent per batch
 
     c.data = ml_collections.ConfigDict()
@@ -46,8 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.autoencoder_learning_rate = 1e-3
     c.train.warmup_steps = 0  # --rl_warmup_steps: SFT optimizer steps before RL
     c.train.learning_rate = 1e-4  # --learning_rate
-    c.train.trainable = "full"  # full | lora (--use_lora) | subset (train only trainable_pattern's parameters)
-    c.train.trainable_pattern = ""  # regex on denoiser parameter paths; LoRA default: attention q/k/v/out
+    # full | lora (--use_lora) | subset (only trainable_pattern's parameters) | subset+lora (both)
+    c.train.trainable = "full"
+    c.train.trainable_pattern = ""  # regex on denoiser parameter paths: the subset trained in full
+    c.train.lora_pattern = ""  # the same for the kernels that get LoRA; default: attention q/k/v/out
     c.train.lora_rank = 32  # --lora_rank
     c.train.lora_alpha = 64.0  # --lora_alpha (the adapter is scaled by alpha / rank)
     c.train.adam_b1 = 0.9

@@ -34,7 +34,8 @@ def get_config():
     c.train.method = "grpo"
     c.train.warmup_steps = 500  # --rl_warmup_steps (SFT toward ref first)
     c.train.learning_rate = 1e-4  # --learning_rate
-    c.train.trainable = "subset"  # the adapter only; 'lora' (+ trainable_pattern) puts LoRA on the transformer
+    # the adapter only; 'subset+lora' adds LoRA (train.lora_rank, train.lora_pattern) on Flux's projections
+    c.train.trainable = "subset"
     c.train.trainable_pattern = ADAPTER
     # seed: --train_batch_size 1, --gradient_accumulation_steps 4; the same 4 samples per optimizer step, split
     # over the 2 GPUs the memory plan needs (a micro-batch is a multiple of the data-parallel devices, mesh.fsdp here)

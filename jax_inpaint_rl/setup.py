@@ -15,6 +15,7 @@ from jax_inpaint_rl.checkpoint.export import CONFIG_FILE, read_denoiser, read_tr
 from jax_inpaint_rl.data import loaders_from_config
 from jax_inpaint_rl.diffusion.steps import STEP_FUNCTIONS, STEP_PREDICTIONS
 from jax_inpaint_rl.models import family as family_lib
+from jax_inpaint_rl.models.layers import attention
 from jax_inpaint_rl.rewards.calculator import RewardCalculator, build_calculator
 
 FLOAT16_REFUSED = ("model.compute_dtype='float16': float16 overflows in the denoisers' activations and the "
@@ -43,6 +44,7 @@ def mesh_axis():
 FIELD_RULES = (
     ("model.compute_dtype", one_of("float32", "bfloat16")),
     ("model.param_dtype", one_of("float32", "bfloat16")),
+    ("model.attention", one_of(*attention.IMPLEMENTATIONS)),
     ("data.format", one_of(*DATA_FORMATS)),
     ("data.resolution", at_least(8)),
     ("data.num_examples", at_least(1)),
@@ -163,7 +165,9 @@ def precomputed_embeddings(loaders: dict) -> frozenset[str]:
 def build_family(config, embeddings: frozenset[str] = frozenset(), weights: bool = True):
     """(Family, params): a converted folder at model.path, or a tiny random model when model.tiny; floating
     params cast to model.param_dtype. Encoders whose outputs `embeddings` supply are not loaded. With
-    `weights=False` only the configs are read and params is None (the checks before loading)."""
+    `weights=False` only the configs are read and params is None (the checks before loading). Selects the
+    attention kernel (model.attention) for every program traced afterwards."""
+    attention.use(config.model.attention)
     build = family_lib.factory(config.model.family)
     common = dict(seed=config.seed, dtype=config.model.compute_dtype, remat=config.model.remat,
                   embeddings=embeddings, weights=weights)
@@ -172,8 +176,9 @@ def build_family(config, embeddings: frozenset[str] = frozenset(), weights: bool
     else:
         path = config.model.path
         if not path:
-            raise ValueError("config: model.path is empty: convert weights with `python -m tools.convert_weights "
-                             f"{config.model.family.replace('_', '-')} --src ... --dst DIR` and pass "
+            raise ValueError(f"config: model.path is empty for model.family={config.model.family!r}: convert "
+                             "weights with `python -m tools.convert_weights <subcommand> --src ... --dst DIR` "
+                             "(README, 'Converting weights'; `--help` lists the subcommands) and pass "
                              "--config.model.path=DIR")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"config: model.path={path}: no such folder")

@@ -91,7 +91,7 @@ def test_gpu_suite_dry_run_writes_every_phase_and_the_table(tmp_path, one_torch_
         "update_grpo"]["trained_params"]
     assert by_phase["numerics"]["denoiser_call_relative_error"] < 1e-3  # float32 on the CPU
     assert by_phase["numerics"]["first_ratio_deviation"]["ours"] < 1e-5
-    assert by_phase["attention"]["recommended"] in ("None", "xla")  # cudnn: NVIDIA GPUs only
+    assert by_phase["attention"]["recommended"] in ("auto", "xla")  # cudnn: NVIDIA GPUs only
     assert "unavailable" in by_phase["attention"]["implementations"]["cudnn"]
     assert by_phase["memory"]["estimates"][1]["update_grpo"]["peak_estimate_bytes"] > by_phase["memory"][
         "estimates"][0]["update_grpo"]["peak_estimate_bytes"]

@@ -199,13 +199,13 @@ def test_template_and_trainable_patterns():
     family, params = calligrapher.tiny()
     tokens = family.tokenize(["Delia"])
     np.testing.assert_array_equal(tokens["t5"], flux.hash_tokenize(["The text is 'Delia'."])["t5"])
-    train = type("Train", (), dict(trainable="subset", trainable_pattern="/(image_proj|ip_attention)/", lora_rank=0,
-                                   lora_alpha=0.0))
-    merge, base, tree = trainable.build(train, params["denoiser"], jax.random.key(0))
+    train = dict(trainable_pattern="/(image_proj|ip_attention)/", lora_pattern="", lora_rank=2, lora_alpha=2.0)
+    subset = type("Train", (), dict(train, trainable="subset"))
+    merge, base, tree = trainable.build(subset, params["denoiser"], jax.random.key(0))
     assert set(tree) == {"image_proj", "ip_attention"}
-    lora = type("Train", (), dict(trainable="lora", trainable_pattern="", lora_rank=2, lora_alpha=2.0))
-    _, _, adapters = trainable.build(lora, params["denoiser"], jax.random.key(0))
-    assert set(adapters) == {"transformer"}, "the default LoRA targets are Flux's projections, not the adapter"
+    both = type("Train", (), dict(train, trainable="subset+lora"))
+    _, _, tree = trainable.build(both, params["denoiser"], jax.random.key(0))
+    assert set(tree) == {"image_proj", "ip_attention", "transformer"}, "the default LoRA targets are Flux's"
 
 
 def test_bad_inputs_are_named():

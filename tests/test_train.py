@@ -160,12 +160,13 @@ def test_bad_config_values_fail_before_compiling(tmp_path):
         algorithms.from_config(make_config(tmp_path, "ppo"))
     # every field with a known range or set, in one table: each bad value named, all at once
     config = make_config(tmp_path, "grpo", sample__images_per_prompt=1, eval__interval=0, checkpoint__interval=0,
-                         train__max_nonfinite_steps=0, data__format="bogus", mesh__fsdp=0)
+                         train__max_nonfinite_steps=0, data__format="bogus", mesh__fsdp=0, model__attention="flash")
     with pytest.raises(ValueError) as error:
         setup.validate(config, algorithms.from_config(config))
     for expected in ("sample.images_per_prompt=1: expected >= 2", "eval.interval=0: expected >= 1",
                      "checkpoint.interval=0: expected >= 1", "train.max_nonfinite_steps=0: expected >= 1",
-                     "data.format='bogus': expected one of", "mesh.fsdp=0: expected -1"):
+                     "data.format='bogus': expected one of", "mesh.fsdp=0: expected -1",
+                     "model.attention='flash': expected one of"):
         assert expected in str(error.value)
     config = make_config(tmp_path, "grpo", model__compute_dtype="float16")
     with pytest.raises(ValueError, match="float16 overflows .* use 'bfloat16'"):
@@ -285,17 +286,21 @@ def test_non_finite_updates_stop_the_run_and_point_at_the_last_good_checkpoint(t
     assert sorted(int(d) for d in os.listdir(os.path.join(config.output_dir, "checkpoints")) if d.isdigit()) == [1, 2]
 
 
-@pytest.mark.parametrize("mode,pattern,trained", [
-    ("lora", "/w[12]$", {("w1", "lora_a"), ("w1", "lora_b"), ("w2", "lora_a"), ("w2", "lora_b")}),
-    ("subset", "/(w3|b3)$", {("w3",), ("b3",)}),
+LORA_W12 = {("w1", "lora_a"), ("w1", "lora_b"), ("w2", "lora_a"), ("w2", "lora_b")}
+
+
+@pytest.mark.parametrize("mode,patterns,trained", [
+    ("lora", {"lora_pattern": "/w[12]$"}, LORA_W12),
+    ("subset", {"trainable_pattern": "/(w3|b3)$"}, {("w3",), ("b3",)}),
+    ("subset+lora", {"trainable_pattern": "/(w3|b3)$", "lora_pattern": "/w[12]$"}, LORA_W12 | {("w3",), ("b3",)}),
 ])
-def test_lora_and_subset_train_only_their_parameters(tmp_path, mode, pattern, trained):
+def test_lora_and_subset_train_only_their_parameters(tmp_path, mode, patterns, trained):
     from flax import traverse_util
 
     from jax_inpaint_rl.checkpoint.export import read_denoiser
 
-    config = make_config(tmp_path / mode, "grpo", train__trainable=mode, train__trainable_pattern=pattern,
-                         train__lora_rank=4, train__lora_alpha=8.0, grpo__kl_beta=0.01, ema__enabled=True,
+    config = make_config(tmp_path / mode, "grpo", train__trainable=mode,
+                         **{f"train__{name}": pattern for name, pattern in patterns.items()}, train__lora_rank=4, train__lora_alpha=8.0, grpo__kl_beta=0.01, ema__enabled=True,
                          ema__decay=0.5)
     runner, _ = run(config)
     state, initial = runner.state, toy_family.tiny(seed=0, resolution=RES)[1]["denoiser"]
@@ -305,9 +310,10 @@ def test_lora_and_subset_train_only_their_parameters(tmp_path, mode, pattern, tr
     assert sum(leaf.size for leaf in moments) == 2 * trained_size  # Adam state for the trainable part only
     for got, want in zip(jax.tree.leaves(runner.denoiser_base), jax.tree.leaves(initial)):
         np.testing.assert_array_equal(got, want)  # the base never moves
-    if mode == "lora":  # the reference is the base: adapters with B = 0
-        assert all(not np.any(np.asarray(adapter["lora_b"])) for adapter in state["ref"].values())
-        assert all(np.any(np.asarray(adapter["lora_b"])) for adapter in state["params"].values())
+    if "lora" in mode:  # the reference is the base: adapters with B = 0
+        for name in ("w1", "w2"):
+            assert not np.any(np.asarray(state["ref"][name]["lora_b"]))
+            assert np.any(np.asarray(state["params"][name]["lora_b"]))
     lines = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
     assert [line for line in lines if "first_ratio_deviation" in line][0]["first_ratio_deviation"] < 1e-6
     exported = read_denoiser(os.path.join(config.output_dir, "export"), initial, use_ema=True)

@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
+from flax import traverse_util
 
 from jax_inpaint_rl.algorithms import trainable
 from jax_inpaint_rl.models.flux import transformer as ft
@@ -15,9 +16,12 @@ from tests.test_flux_transformer import REAL as FLUX_REAL
 from tools.convert_weights.sd15 import SD15_TEXT, SD15_UNET, SD15_VAE
 
 
-def spec(mode="lora", pattern="", rank=3, alpha=6.0):
+def spec(mode="lora", pattern="", rank=3, alpha=6.0, lora_pattern=""):
+    """A spec from config fields; `pattern` is the LoRA targets for 'lora', the subset otherwise."""
+    if mode == "lora":
+        pattern, lora_pattern = "", pattern
     train = ml_collections.ConfigDict({"trainable": mode, "trainable_pattern": pattern, "lora_rank": rank,
-                                       "lora_alpha": alpha})
+                                       "lora_alpha": alpha, "lora_pattern": lora_pattern})
     return trainable.from_config(train)
 
 
@@ -84,6 +88,25 @@ def test_subset_and_full():
     assert trainable.merge(full, {}, base) is base
 
 
+def test_subset_with_lora_trains_both_and_merges_each_as_alone():
+    base = base_params()
+    both = spec("subset+lora", r"^/proj/", lora_pattern=r"to_q/kernel$")
+    tree = trainable.init(both, base, jax.random.key(0))
+    assert set(traverse_util.flatten_dict(tree)) == {("proj", "kernel"), ("proj", "bias"),
+                                                    ("blocks", "attn", "to_q", "kernel", "lora_a"),
+                                                    ("blocks", "attn", "to_q", "kernel", "lora_b")}
+    rng = np.random.default_rng(2)
+    tree = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32), tree)
+    merged = trainable.merge(both, base, tree)
+    np.testing.assert_array_equal(merged["proj"]["kernel"], tree["proj"]["kernel"])
+    lora_only = trainable.merge(spec(pattern=r"to_q/kernel$"), base, {"blocks": tree["blocks"]})
+    np.testing.assert_array_equal(merged["blocks"]["attn"]["to_q"]["kernel"], lora_only["blocks"]["attn"]["to_q"]["kernel"])
+    assert not np.array_equal(merged["blocks"]["attn"]["to_q"]["kernel"], base["blocks"]["attn"]["to_q"]["kernel"])
+    np.testing.assert_array_equal(merged["conv"]["kernel"], base["conv"]["kernel"])
+    with pytest.raises(ValueError, match=r"both select \['proj/kernel'\]"):
+        trainable.init(spec("subset+lora", r"^/proj/", lora_pattern=r"proj/kernel$"), base, jax.random.key(0))
+
+
 def test_subset_of_a_bf16_base_trains_in_fp32():
     """An Adam-sized step (1e-4) on leaves of order 1 is far below bf16's spacing there (2^-7): a bf16 copy drops
     it; the fp32 master keeps it and the merged model carries it."""
@@ -105,11 +128,17 @@ def test_bad_specs_are_named():
         spec("qlora")
     with pytest.raises(ValueError, match="needs train.trainable_pattern"):
         spec("subset")
+    with pytest.raises(ValueError, match="'subset\\+lora' needs train.trainable_pattern"):
+        spec("subset+lora")
+    with pytest.raises(ValueError, match="LoRA targets are train.lora_pattern"):
+        trainable.from_config(ml_collections.ConfigDict({"trainable": "lora", "trainable_pattern": "to_q",
+                                                         "lora_pattern": "", "lora_rank": 2, "lora_alpha": 2.0}))
     with pytest.raises(ValueError, match="lora_rank=0"):
         spec(rank=0)
     with pytest.raises(ValueError, match="not a regex"):
         spec(pattern="to_q(")
-    with pytest.raises(ValueError, match=r"'nothing_here' matches no denoiser parameter; paths look like: blocks/"):
+    with pytest.raises(ValueError, match=r"lora_pattern='nothing_here' matches no denoiser parameter; paths look "
+                                         r"like: blocks/"):
         trainable.init(spec(pattern="nothing_here"), base_params(), jax.random.key(0))
     with pytest.raises(ValueError, match=r"conv/kernel has shape \(3, 3, 4, 4\)"):
         trainable.init(spec(pattern="kernel$"), base_params(), jax.random.key(0))

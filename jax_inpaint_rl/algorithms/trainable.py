@@ -1,4 +1,4 @@
-"""What a run trains: the whole denoiser, LoRA adapters on matching kernels, or a named subset.
+"""What a run trains: the whole denoiser, LoRA adapters on matching kernels, a named subset, or both.
 
 The trainer keeps two trees: the frozen `base` (the denoiser as loaded; empty
 for full fine-tuning) and the `trainable` tree that the optimizer, EMA and the
@@ -10,7 +10,9 @@ LoRA (Hu et al., 2021) on a kernel W of shape (..., in, out): W + alpha / rank *
 A @ B with A (..., in, rank) drawn uniform(+-1/sqrt(in)) and B (..., rank, out)
 zero, so a fresh adapter leaves the model unchanged (the reference policy is the
 base without the adapter, at no extra memory). A leading axis is a scanned
-stack of layers, each with its own adapter.
+stack of layers, each with its own adapter. 'subset+lora' trains a subset in
+full and LoRA on other kernels (an added module plus LoRA on the base, as
+Calligrapher's trainer offers); the two patterns must not select the same leaf.
 """
 import dataclasses
 import functools
@@ -23,7 +25,7 @@ from flax import traverse_util
 
 Params = Any
 
-MODES = ("full", "lora", "subset")
+MODES = ("full", "lora", "subset", "subset+lora")
 # diffusers' usual attention targets: to_q/k/v/out (SD1.5 names to_out_0), Flux's text-stream projections
 ATTENTION_PROJECTIONS = r"/(to_q|to_k|to_v|to_out|to_out_0|add_q_proj|add_k_proj|add_v_proj|to_add_out)/kernel$"
 
@@ -31,9 +33,18 @@ ATTENTION_PROJECTIONS = r"/(to_q|to_k|to_v|to_out|to_out_0|add_q_proj|add_k_proj
 @dataclasses.dataclass(frozen=True)
 class Trainable:
     mode: str = "full"
-    pattern: str = ""  # regex searched in "/"-joined parameter paths: LoRA targets, or the trained subset
+    pattern: str = ""  # regex searched in "/"-joined parameter paths: the subset trained in full
     rank: int = 0
     alpha: float = 0.0
+    lora_pattern: str = ""  # the same kind of regex: the kernels that get LoRA adapters
+
+    @property
+    def trains_subset(self) -> bool:
+        return self.mode in ("subset", "subset+lora")
+
+    @property
+    def trains_lora(self) -> bool:
+        return self.mode in ("lora", "subset+lora")
 
     @property
     def scale(self) -> float:
@@ -41,21 +52,26 @@ class Trainable:
 
 
 def from_config(train) -> Trainable:
-    """The spec from config.train (trainable, trainable_pattern, lora_rank, lora_alpha), checked."""
+    """The spec from config.train (trainable, trainable_pattern, lora_pattern, lora_rank, lora_alpha), checked."""
     mode = train.trainable
     if mode not in MODES:
         raise ValueError(f"config: train.trainable={mode!r}: expected one of {MODES}")
-    pattern = train.trainable_pattern or (ATTENTION_PROJECTIONS if mode == "lora" else "")
-    if mode == "subset" and not pattern:
-        raise ValueError("config: train.trainable='subset' needs train.trainable_pattern (a regex on parameter "
+    spec = Trainable(mode, train.trainable_pattern, train.lora_rank, float(train.lora_alpha),
+                     train.lora_pattern or ATTENTION_PROJECTIONS)
+    if spec.trains_subset and not spec.pattern:
+        raise ValueError(f"config: train.trainable={mode!r} needs train.trainable_pattern (a regex on parameter "
                          "paths such as 'single_blocks/.*/proj_out')")
-    if mode == "lora" and train.lora_rank < 1:
-        raise ValueError(f"config: train.lora_rank={train.lora_rank}: expected >= 1")
-    try:
-        re.compile(pattern)
-    except re.error as error:
-        raise ValueError(f"config: train.trainable_pattern={pattern!r} is not a regex: {error}") from error
-    return Trainable(mode, pattern, train.lora_rank, float(train.lora_alpha))
+    if not spec.trains_subset and spec.pattern:
+        raise ValueError(f"config: train.trainable_pattern={spec.pattern!r} names a subset trained in full, which "
+                         f"train.trainable={mode!r} does not train; LoRA targets are train.lora_pattern")
+    if spec.trains_lora and spec.rank < 1:
+        raise ValueError(f"config: train.lora_rank={spec.rank}: expected >= 1")
+    for name, pattern in (("trainable_pattern", spec.pattern), ("lora_pattern", spec.lora_pattern)):
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"config: train.{name}={pattern!r} is not a regex: {error}") from error
+    return spec
 
 
 def build(train, params: Params, key: jax.Array) -> tuple[Any, Params, Params]:
@@ -65,13 +81,14 @@ def build(train, params: Params, key: jax.Array) -> tuple[Any, Params, Params]:
     return functools.partial(merge, spec), frozen_base(spec, params), init(spec, params, key)
 
 
-def _selected(spec: Trainable, params: Params) -> dict[tuple, Any]:
-    """The flat {path: leaf} the pattern selects; an error naming the pattern when it selects nothing."""
+def _selected(pattern: str, field: str, params: Params) -> dict[tuple, Any]:
+    """The flat {path: leaf} `pattern` (config field train.`field`) selects; an error naming it when it selects
+    nothing."""
     flat = traverse_util.flatten_dict(params)
-    chosen = {path: leaf for path, leaf in flat.items() if re.search(spec.pattern, "/" + "/".join(path))}
+    chosen = {path: leaf for path, leaf in flat.items() if re.search(pattern, "/" + "/".join(path))}
     if not chosen:
         examples = ", ".join("/".join(path) for path in list(flat)[:8])
-        raise ValueError(f"config: train.trainable_pattern={spec.pattern!r} matches no denoiser parameter; "
+        raise ValueError(f"config: train.{field}={pattern!r} matches no denoiser parameter; "
                          f"paths look like: {examples}")
     return chosen
 
@@ -85,12 +102,24 @@ def init(spec: Trainable, params: Params, key: jax.Array) -> Params:
     """The trainable tree for the loaded denoiser `params` (for 'full', `params` itself)."""
     if spec.mode == "full":
         return params
-    chosen = _selected(spec, params)
-    if spec.mode == "subset":  # fp32 copies (master weights, as LoRA's), whatever dtype the frozen base keeps
-        return traverse_util.unflatten_dict({path: jnp.array(leaf, _master_dtype(leaf))
-                                             for path, leaf in chosen.items()})
+    tree = {}
+    if spec.trains_subset:  # fp32 copies (master weights, as LoRA's), whatever dtype the frozen base keeps
+        tree = {path: jnp.array(leaf, _master_dtype(leaf))
+                for path, leaf in _selected(spec.pattern, "trainable_pattern", params).items()}
+    if spec.trains_lora:
+        targets = _selected(spec.lora_pattern, "lora_pattern", params)
+        both = sorted("/".join(path) for path in set(targets) & set(tree))
+        if both:
+            raise ValueError(f"config: train.trainable_pattern and train.lora_pattern both select {both[:4]}: a "
+                             "leaf is trained in full or through LoRA, not both")
+        tree.update(_lora_adapters(spec, targets, key))
+    return traverse_util.unflatten_dict(tree)
+
+
+def _lora_adapters(spec: Trainable, targets: dict[tuple, Any], key: jax.Array) -> dict[tuple, Any]:
+    """{kernel path + ('lora_a' | 'lora_b'): fp32 factor}: A uniform(+-1/sqrt(in)), B zero."""
     adapters = {}
-    for (path, kernel), leaf_key in zip(chosen.items(), jax.random.split(key, len(chosen))):
+    for (path, kernel), leaf_key in zip(targets.items(), jax.random.split(key, len(targets))):
         if kernel.ndim not in (2, 3):
             raise ValueError(f"LoRA target {'/'.join(path)} has shape {kernel.shape}: expected a dense kernel "
                              "(in, out), or a scanned stack (layers, in, out); narrow train.trainable_pattern")
@@ -99,7 +128,7 @@ def init(spec: Trainable, params: Params, key: jax.Array) -> Params:
         adapters[path + ("lora_a",)] = jax.random.uniform(leaf_key, (*stack, fan_in, spec.rank), jnp.float32,
                                                           -bound, bound)
         adapters[path + ("lora_b",)] = jnp.zeros((*stack, spec.rank, fan_out), jnp.float32)
-    return traverse_util.unflatten_dict(adapters)
+    return adapters
 
 
 def frozen_base(spec: Trainable, params: Params) -> Params:
@@ -112,13 +141,12 @@ def merge(spec: Trainable, base: Params, trainable: Params) -> Params:
     if spec.mode == "full":
         return trainable
     flat = traverse_util.flatten_dict(base)
-    if spec.mode == "subset":
-        flat.update(traverse_util.flatten_dict(trainable))
-        return traverse_util.unflatten_dict(flat)
-    is_adapter = lambda _, node: isinstance(node, dict) and "lora_a" in node  # noqa: E731
-    adapters = traverse_util.flatten_dict(trainable, is_leaf=is_adapter)
-    for path, adapter in adapters.items():
-        kernel = flat[path]
-        delta = spec.scale * jnp.matmul(adapter["lora_a"], adapter["lora_b"], precision="highest")
-        flat[path] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+    trained = traverse_util.flatten_dict(trainable)
+    for path, leaf in trained.items():
+        if path[-1] == "lora_a":
+            kernel = flat[path[:-1]]
+            delta = spec.scale * jnp.matmul(leaf, trained[path[:-1] + ("lora_b",)], precision="highest")
+            flat[path[:-1]] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+        elif path[-1] != "lora_b":
+            flat[path] = leaf
     return traverse_util.unflatten_dict(flat)

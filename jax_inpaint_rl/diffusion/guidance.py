@@ -20,12 +20,13 @@ def positive(cond):
 @dataclasses.dataclass(frozen=True)
 class BatchedCFG:
     """Classifier-free guidance from one call on the batch [negative; positive] (SD1.5, SD3):
-    out = neg + scale (pos - neg). A scale of 1 calls the model once on the positive half."""
+    out = neg + scale (pos - neg). A scale <= 1 calls the model once on the positive half, as the diffusers
+    pipelines do (their `do_classifier_free_guidance` is scale > 1)."""
 
     needs_negative = True
 
     def guided(self, denoise, scale: float):
-        if scale == 1.0:
+        if scale <= 1.0:
             return self.unguided(denoise, scale)
 
         def guided(params, x, t, cond):

@@ -4,7 +4,7 @@ float32.
 The shapes are the family's largest attention at the bench resolution: Flux's
 joint attention over text + image tokens (24 heads of 128 at full size), SD1.5's
 self-attention at the first UNet level (8 heads of 40). Each implementation
-(None: JAX picks, 'xla', 'cudnn': the fused flash kernel on NVIDIA GPUs) is
+(model.attention's names: 'auto' (JAX picks), 'xla', 'cudnn': the fused flash kernel on NVIDIA GPUs) is
 timed in the bench dtype and compared with 'xla' in float32 (max |diff| / max
 |reference|); one that cannot run here is recorded with its reason.
 `recommended` is the fastest within TOLERANCE: what `model.attention` should
@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_inpaint_rl.models.layers import attention
 from tools.bench import measure
 from tools.bench.models import Model
 
-IMPLEMENTATIONS = (None, "xla", "cudnn")
 TOLERANCE = 2e-2  # bf16 has 8 bits of mantissa: a max error of ~1e-2 of the output scale is its rounding
 
 
@@ -42,8 +42,7 @@ def run(model: Model, batch: int, resolution: int, dtype: str, repeats: int, dev
     reference = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation="xla"))(q32, k32, v32)
     q, k, v = (a.astype(dtype) for a in (q32, k32, v32))
     results = {}
-    for implementation in IMPLEMENTATIONS:
-        name = str(implementation)
+    for name, implementation in attention.IMPLEMENTATIONS.items():
         attend = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation=implementation))
         try:
             compiled = attend.lower(q, k, v).compile()

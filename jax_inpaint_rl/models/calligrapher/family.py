@@ -31,7 +31,7 @@ What the trainer sees (the Family contract):
 - the trained tree is params['denoiser'] = {'transformer': Flux, 'image_proj': {'mlp', 'qformer'},
   'ip_attention': {'double' | 'single': {'to_k_ip', 'to_v_ip'}}} (ip kernels stacked per block
   kind): `train.trainable='subset'` with '/(image_proj|ip_attention)/' trains the adapter alone,
-  'lora' puts adapters on the Flux projections;
+  'subset+lora' adds LoRA on the Flux projections;
 - the prompt template: the data's prompt is the text to write; `tokenize` turns it into
   "The text is '{text}'." (a prompt already starting with "The text is " is kept as written);
 - velocity, the Flux schedule (shifted by the canvas' token count), embedded guidance (30).

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_inpaint_rl.models.layers.attention import attend
+
 ROPE_THETA = 10000.0
 TIME_CHANNELS = 256
 
@@ -178,8 +180,8 @@ class FeedForward(nn.Module):
 
 
 def attention(q, k, v):
-    """(B, S, N, H) scaled dot-product attention, softmax in fp32."""
-    return jax.nn.dot_product_attention(q, k, v, implementation=None)
+    """(B, S, N, H) scaled dot-product attention, softmax in fp32, with the kernel model.attention selects."""
+    return attend(q, k, v)
 
 
 IMG_NAMES = ("to_q", "to_k", "to_v", "norm_q", "norm_k")

@@ -5,8 +5,9 @@ Submodule names follow diffusers (`norm1`, `conv1`, `time_emb_proj`, `conv_short
 converters' key tables read as a renaming only.
 """
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from jax_inpaint_rl.models.layers.attention import attend
 
 
 def group_norm(groups: int, eps: float, dtype, param_dtype, name: str) -> nn.GroupNorm:
@@ -90,9 +91,9 @@ class Upsample2D(nn.Module):
 
 
 def attention(q, k, v, heads: int, is_causal: bool = False):
-    """(B, T, heads*D) projections -> (B, T, heads*D); softmax(q k^T / sqrt(D)) v via XLA or cuDNN."""
+    """(B, T, heads*D) projections -> (B, T, heads*D); softmax(q k^T / sqrt(D)) v (model.attention's kernel)."""
     split = lambda a: a.reshape(*a.shape[:2], heads, a.shape[-1] // heads)  # noqa: E731
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal, implementation=None)
+    out = attend(split(q), split(k), split(v), is_causal=is_causal)
     return out.reshape(*out.shape[:2], -1)
 
 

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_inpaint_rl.models.layers.attention import attend
+
 ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -81,7 +83,7 @@ SO400M = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden
 def _attend(q, k, v, heads: int):
     """(B, Lq, D), (B, Lk, D), (B, Lk, D) -> (B, Lq, D): softmax(q k^T / sqrt(d)) v per head, softmax in fp32."""
     split = lambda x: x.reshape(*x.shape[:2], heads, x.shape[-1] // heads)  # noqa: E731
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v))
+    out = attend(split(q), split(k), split(v))
     return out.reshape(*out.shape[:2], -1)
 
 
