@@ -88,6 +88,8 @@ FAMILIES = {
     "flux_kontext": "jax_inpaint_rl.models.flux.family:build",
     "flux_dev": "jax_inpaint_rl.models.flux.family:build",
     "calligrapher": "jax_inpaint_rl.models.calligrapher.family:build",
+    "sd3": "jax_inpaint_rl.models.sd3.family:build",
+    "sd3_inpaint": "jax_inpaint_rl.models.sd3.family:build",
 }
 
 

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "export-flux": "tools.convert_weights.flux_export",
     "calligrapher": "tools.convert_weights.calligrapher",
     "export-calligrapher": "tools.convert_weights.calligrapher",
+    "sd3": "tools.convert_weights.sd3",
 }
 
 

@@ -1,9 +1,13 @@
 """The CLIP text transformer (transformers' CLIPTextModel) in Flax Linen, and its tokenizer.
 
 `CLIPTextTransformer(config)(input_ids)` returns `{'last_hidden_state': (B, T, D) after the final
-LayerNorm, 'pooled': (B, D) that hidden state at the end-of-text token}`. SD1.5 conditions on the
-first, Flux on the second. The EOS position follows transformers: the argmax of the ids for legacy
-configs (eos_token_id == 2, where the EOS id is the largest id), else the first `eos_token_id`.
+LayerNorm, 'pooled': (B, D) that hidden state at the end-of-text token, 'penultimate_hidden_state':
+(B, T, D) the input of the last layer (transformers' hidden_states[-2])}`, and for a
+CLIPTextModelWithProjection (config.projection_dim set) 'text_embeds': (B, projection_dim) the pooled
+state through the bias-free text_projection. SD1.5 conditions on the last hidden state, Flux on the
+pooled one, SD3 on the penultimate one and text_embeds. The EOS position follows transformers: the argmax
+of the ids for legacy configs (eos_token_id == 2, where the EOS id is the largest id), else the first
+`eos_token_id`.
 """
 import dataclasses
 import os
@@ -21,6 +25,7 @@ ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
 }
+WITH_PROJECTION = "CLIPTextModelWithProjection"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,13 +39,20 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 2
+    projection_dim: int | None = None  # text_projection width of a CLIPTextModelWithProjection; None: no projection
 
     @classmethod
     def from_transformers(cls, config: Mapping[str, Any], source: str = "text encoder config") -> "CLIPTextConfig":
-        """Read the fields this model needs from a transformers CLIPTextConfig dict (the rest is generic metadata)."""
+        """Read the fields this model needs from a transformers CLIPTextConfig dict (the rest is generic metadata).
+
+        Every CLIPTextConfig carries a projection_dim; only a CLIPTextModelWithProjection (its "architectures")
+        has the projection, so only then is it read."""
         if config.get("model_type", "clip_text_model") != "clip_text_model":
             raise ValueError(f"{source}: model_type={config['model_type']!r}, expected 'clip_text_model'")
-        values = {f.name: config[f.name] for f in dataclasses.fields(cls) if config.get(f.name) is not None}
+        values = {f.name: config[f.name] for f in dataclasses.fields(cls)
+                  if f.name != "projection_dim" and config.get(f.name) is not None}
+        if WITH_PROJECTION in (config.get("architectures") or ()):
+            values["projection_dim"] = config["projection_dim"]
         made = cls(**values)
         if made.hidden_act not in ACTIVATIONS:
             raise ValueError(f"{source}: hidden_act={made.hidden_act!r}, supported: {sorted(ACTIVATIONS)}")
@@ -93,10 +105,15 @@ class CLIPTextTransformer(nn.Module):
         h = tokens + positions[None]
         layer = maybe_remat(EncoderLayer, self.remat)
         for i in range(c.num_hidden_layers):
+            penultimate = h
             h = layer(c, d, p, name=f"layers_{i}")(h)
         h = nn.LayerNorm(c.layer_norm_eps, dtype=d, param_dtype=p, use_fast_variance=False, name="final_layer_norm")(h)
         pooled = h[jnp.arange(h.shape[0]), eos_positions(c, input_ids)]
-        return {"last_hidden_state": h, "pooled": pooled}
+        out = {"last_hidden_state": h, "pooled": pooled, "penultimate_hidden_state": penultimate}
+        if c.projection_dim is not None:
+            out["text_embeds"] = nn.Dense(c.projection_dim, use_bias=False, dtype=d, param_dtype=p,
+                                          name="text_projection")(pooled)
+        return out
 
 
 def init_params(model: CLIPTextTransformer, key):
