@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.offload_text_encoders = False  # --offload_text_encoder_two: encoders in host memory, sent per batch
 
     c.data = ml_collections.ConfigDict()
-    c.data.format = "synthetic"  # synthetic | self_bench | jsonl (--train_data_json) | txt | tfds
+    c.data.format = "synthetic"  # synthetic | self_bench | jsonl (--train_data_json) | txt | flow_grpo | tfds
     c.data.path = ""  # dataset file or folder
     c.data.eval_path = ""  # held-out set (synthetic: a different seed)
     c.data.resolution = 512  # --resolution

@@ -21,7 +21,7 @@ from jax_inpaint_rl.rewards.calculator import RewardCalculator, build_calculator
 FLOAT16_REFUSED = ("model.compute_dtype='float16': float16 overflows in the denoisers' activations and the "
                    "SDE log-probs without dynamic loss scaling, which this trainer does not do; use 'bfloat16' "
                    "(the same memory and speed on GPUs and TPUs, with float32's exponent range)")
-DATA_FORMATS = ("synthetic", "self_bench", "json", "jsonl", "txt", "tfds")
+DATA_FORMATS = ("synthetic", "self_bench", "json", "jsonl", "txt", "tfds", "flow_grpo")
 
 
 def one_of(*values):

@@ -1,6 +1,6 @@
 """Every recipe in configs/ builds and trains with a tiny model of its family, on tiny data in the recipe's
 own format (seed 001's JSONL with precomputed T5 embeddings, a self_bench folder, an edit set, a prompt
-list); the inpaint CLI restores what a run exported."""
+list, a Flow-GRPO prompt folder); the inpaint CLI restores what a run exported."""
 import glob
 import importlib.util
 import json
@@ -47,7 +47,7 @@ def write_data(folder, kind: str, seed: int, targets: bool, t5_width: int | None
     """Synthetic examples as files in a seed's format; the path the recipe's data.path takes."""
     os.makedirs(folder, exist_ok=True)
     examples = [synthetic.synthetic_example(seed, i, RES, ("shape",)) for i in range(EXAMPLES)]
-    if kind == "txt":
+    if kind == "txt" and not targets:
         path = os.path.join(folder, "prompts.txt")
         with open(path, "w") as f:
             f.write("\n".join(e["prompt"] for e in examples) + "\n")
@@ -63,8 +63,10 @@ def write_data(folder, kind: str, seed: int, targets: bool, t5_width: int | None
         return str(folder)
     records = []
     for number, e in enumerate(examples):
-        record = {"image_path": f"{number}.png", ("prompt" if kind == "inpaint" else "instruction"): e["prompt"]}
-        Image.fromarray(e["image"]).save(os.path.join(folder, record["image_path"]))
+        record = {("instruction" if kind == "edit" else "prompt"): e["prompt"]}
+        if kind != "txt":
+            record["image_path"] = f"{number}.png"
+            Image.fromarray(e["image"]).save(os.path.join(folder, record["image_path"]))
         if kind == "inpaint":
             record["mask_path"] = f"{number}_mask.png"
             Image.fromarray((e["mask"][..., 0] * 255).astype(np.uint8)).save(os.path.join(folder, record["mask_path"]))
@@ -114,8 +116,13 @@ def tiny_version(config, output_dir):
     targets = config.train.method in ("sft", "grpo_one_step") or config.train.warmup_steps > 0
     config.train.warmup_steps = min(config.train.warmup_steps, 1)
     t5_width = 32 if "t5" in family.text_embeddings and kind == "inpaint" else None
-    config.data.path = write_data(output_dir / "train", kind, 0, targets, t5_width)
-    config.data.eval_path = write_data(output_dir / "eval", kind, 1, targets, t5_width)
+    if config.data.format == "flow_grpo":  # one folder, train.txt and test.txt
+        for split, seed in (("train", 0), ("test", 1)):
+            os.replace(write_data(output_dir / split, kind, seed, False, None), output_dir / f"{split}.txt")
+        config.data.path, config.data.eval_path = str(output_dir), ""
+    else:
+        config.data.path = write_data(output_dir / "train", kind, 0, targets, t5_width)
+        config.data.eval_path = write_data(output_dir / "eval", kind, 1, targets, t5_width)
     config.reward.specs = ({"seam": {"weight": 1.0}} if "mask" in family.inputs else
                            {"test_saturation": {"weight": 1.0}})
     return config
@@ -132,7 +139,7 @@ def test_recipe_trains_with_a_tiny_model(recipe, tmp_path):
         assert "text_encoder_2" not in runner.frozen_params
     if recipe == "demo":
         _inpaint_cli_on(config.output_dir, tmp_path)
-    if recipe in ("flux_kontext_grpo", "flux_dev_grpo"):
+    if recipe in ("flux_kontext_grpo", "flux_dev_grpo", "sd3_grpo"):
         _edit_and_generate_with(config.output_dir, tmp_path)
 
 

@@ -72,3 +72,16 @@ def test_bad_inputs_name_the_field():
         reward(images, prompts, {**meta, "mask": np.zeros_like(meta["mask"])})
     with pytest.raises(ValueError, match="mode"):
         get_reward("ocr", mode="fast")
+
+
+def test_quoted_target_reads_the_prompts_quotes():
+    """Flow-GRPO's OCR prompts carry the text in double quotes; target='quoted' scores against it, full image."""
+    reward = get_reward("ocr", mode="full", target="quoted")
+    images = np.stack([render("OPEN 24"), render("CLOSED")])
+    prompts = ['A shop sign that reads "open 24" at night', 'A door with "OPEN 24" painted on it']
+    scores = reward(images, prompts, {})["score"]
+    assert scores[0] > 0.9 and scores[1] < 0.5
+    with pytest.raises(ValueError, match="the prompt 'a sign' has no text in double quotes"):
+        reward(images[:1], ["a sign"], {})
+    with pytest.raises(ValueError, match="target must be one of"):
+        get_reward("ocr", target="caption")

@@ -3,15 +3,18 @@
     python -m jax_inpaint_rl.data.check PATH [--family flux_fill] [--targets] [--kind auto|inpaint|edit|prompts]
         [--embedding-shape t5=512x4096 ...] [--split train] [--mask-kind mixed] [--prompt-key label]
 
-PATH is a self_bench folder, a .json / .jsonl / .txt listing, a prepared TFDS
-directory or `tfds:NAME`. Each problem names the file (or record) and what was
-expected; the exit status is 1 if there is any. The last line sums up: the kind
-(inpaint / edit / prompts), the example count, the fields every example provides
-(see formats.py) and the problem count. With `--family` every field that family
-reads (its `inputs`) and every precomputed embedding it does not take is a
-problem too; `--targets` also requires `target` (SFT, the warm-up, one-step
-GRPO). The training loader runs the same `validate.find_problems` at start-up,
-and the trainer the same field check before it loads weights.
+PATH is a self_bench folder, a Flow-GRPO dataset folder (`--split` picks
+`{split}.txt` or `{split}_metadata.jsonl`), a .json / .jsonl / .txt listing, a
+prepared TFDS directory or `tfds:NAME`. Each problem names the file (or record)
+and what was expected; the exit status is 1 if there is any. The last line sums
+up: what was read (the source's name: the listing file, or the TFDS split), the
+kind (inpaint / edit / prompts), the example count, the fields every example
+provides (see formats.py; 'metadata' for GenEval records) and the problem count.
+With `--family` every field that family reads (its `inputs`) and every
+precomputed embedding it does not take is a problem too; `--targets` also
+requires `target` (SFT, the warm-up, one-step GRPO). The training loader runs
+the same `validate.find_problems` at start-up, and the trainer the same field
+check before it loads weights.
 """
 import argparse
 import sys
@@ -31,11 +34,12 @@ def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jax_inpaint_rl.data.check", description=__doc__.split("\n")[0])
-    parser.add_argument("path", help="self_bench folder, .json/.jsonl/.txt, prepared TFDS folder or tfds:NAME")
+    parser.add_argument("path", help="self_bench or Flow-GRPO folder, .json/.jsonl/.txt, prepared TFDS folder or "
+                                     "tfds:NAME")
     parser.add_argument("--kind", default="auto", help="auto | inpaint | edit | prompts (JSON listings)")
     parser.add_argument("--embedding-shape", type=_shape_arg, action="append", default=[],
                         help="expected embedding shape, NAME=D1xD2 (repeatable)")
-    parser.add_argument("--split", default="train", help="TFDS split")
+    parser.add_argument("--split", default="train", help="TFDS or Flow-GRPO split (train, test)")
     parser.add_argument("--mask-kind", default="mixed", help="TFDS without masks: box | brush | text | mixed")
     parser.add_argument("--prompt-key", default=None, help="TFDS without prompts: feature used as the prompt")
     parser.add_argument("--family", default=None, help="a model family (e.g. flux_fill): its inputs are required")
@@ -75,13 +79,14 @@ def fit_problems(source, family_name: str | None, targets: bool) -> list[str]:
 
 
 def summary(path: str, source, problem_count: int) -> str:
-    """'PATH: edit set, 12 examples, fields: image, prompt (no mask: ...), 0 problem(s)'."""
+    """'NAME: edit set, 12 examples, fields: image, prompt (no mask: ...), 0 problem(s)', NAME saying what was
+    read (PATH itself, or the split file / TFDS split under it)."""
     if source is None:
         return f"{path}: 0 examples, {problem_count} problem(s)"
     fields = ", ".join(sorted(source.fields))
     if "image" in source.fields and "mask" not in source.fields:
         fields += " (no mask: inpainting families cannot train on it)"
-    return f"{path}: {source.kind} set, {len(source)} examples, fields: {fields}, {problem_count} problem(s)"
+    return f"{source.name}: {source.kind} set, {len(source)} examples, fields: {fields}, {problem_count} problem(s)"
 
 
 if __name__ == "__main__":

@@ -9,16 +9,18 @@ An *example* is a host-side dict of numpy values:
     target       uint8 (H, W, 3): what SFT / DPO learn toward (self_bench 'ref'), optional
     target_text  str or None: the text that should appear in the mask (OCR rewards)
     embeddings   {name: float32 array}: precomputed text embeddings, maybe empty
+    metadata     str, only where the listing has one: the example's record as a JSON
+                 object (Flow-GRPO GenEval sets), for rewards that read it (meta['metadata'])
 
 A *source* is a random-access sequence of examples (`len`, `source[i]`) that also
 says where each field comes from (`locate(i, field)`, for error messages), its
 `kind` ('inpaint', 'edit' or 'prompts'), the problems found while listing it, and
 its `fields`: the frozenset of example fields that every example has (not None),
 so that a family or an algorithm can say up front what it lacks. Always 'prompt';
-'image', 'mask', 'target', 'target_text' (non-empty) when every example has one;
-`embedding_field(name)` ('embedding:NAME') for every embedding every example has.
-The loader, the checker and the TFDS builder work on any source; sources.py opens
-a path as one.
+'image', 'mask', 'target', 'target_text' (non-empty), 'metadata' when every
+example has one; `embedding_field(name)` ('embedding:NAME') for every embedding
+every example has. The loader, the checker and the TFDS builder work on any
+source; sources.py opens a path as one.
 
 Formats read here (paths inside a listing are relative to the listing's folder):
 
@@ -36,6 +38,12 @@ Formats read here (paths inside a listing are relative to the listing's folder):
   (`image_path` + `prompt` or `instruction`); without any `image_path` it is a
   prompt list.
 - Prompt list `.txt`: one prompt per non-blank line.
+- Flow-GRPO dataset folder (its `TextPromptDataset` / `GenevalPromptDataset`), one
+  file per split: `{split}.txt`, one prompt per line, or `{split}_metadata.jsonl`,
+  one JSON object per line with a `prompt`; the whole object is the example's
+  `metadata`. Objects with GenEval's keys (`tag`, `include`, `exclude`) are checked
+  as GenEval's detector reads them. Every line is an example, as in Flow-GRPO, so a
+  blank line is a problem; an example's id is its 0-based line (Flow-GRPO's index).
 
 Listings are UTF-8 text; one that lists no sample is a listing problem.
 """
@@ -54,6 +62,8 @@ from jax_inpaint_rl.data import masks
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SELF_BENCH_LISTING = "self_bench.txt"
 SELF_BENCH_ROLES = {"image": "source", "mask": "mask", "target": "ref"}
+FLOW_GRPO_SUFFIXES = (".txt", "_metadata.jsonl")  # {split}.txt: TextPromptDataset; GenevalPromptDataset
+GENEVAL_KEYS = ("tag", "include", "exclude")
 _SELF_BENCH_LINE = re.compile(r"^\s*(\d+)\s*[:,.]?\s+(.*\S)\s*$")
 _EMBEDDING_FIELD = re.compile(r"^(\w+)_embedding_path$")
 REQUIRED_FIELDS = {"inpaint": ("image_path", "mask_path"), "edit": ("image_path",), "prompts": ()}
@@ -82,6 +92,7 @@ class Entry:
     target: Path | None = None
     target_text: str | None = None
     embeddings: dict[str, Path] = dataclasses.field(default_factory=dict)
+    metadata: str | None = None  # JSON object text
 
 
 def embedding_field(name: str) -> str:
@@ -143,6 +154,8 @@ class FileSource:
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
         example = {"id": entry.id, "prompt": entry.prompt, "target_text": entry.target_text, "embeddings": {}}
+        if entry.metadata is not None:
+            example["metadata"] = entry.metadata
         problems = []
         readers = {"image": read_image, "mask": read_mask, "target": read_image}
         for field, reader in readers.items():
@@ -165,6 +178,8 @@ def entry_fields(entries: Sequence[Entry]) -> frozenset[str]:
                   if all(getattr(entry, field) is not None for entry in entries))
     if all(isinstance(entry.target_text, str) and entry.target_text.strip() for entry in entries):
         fields.add("target_text")
+    if all(entry.metadata is not None for entry in entries):
+        fields.add("metadata")
     shared = set.intersection(*(set(entry.embeddings) for entry in entries))
     return frozenset(fields | {embedding_field(name) for name in shared})
 
@@ -173,7 +188,8 @@ def read_self_bench(folder: Path) -> FileSource:
     """Seed 000's layout: self_bench.txt + testN_{source,mask,ref}.png per sample."""
     listing = folder / SELF_BENCH_LISTING
     if not listing.is_file():
-        raise DataError([f"{folder}: expected {SELF_BENCH_LISTING} in the folder (self_bench format)"])
+        raise DataError([f"{folder}: expected {SELF_BENCH_LISTING} in the folder (self_bench format), or "
+                         f"{{split}}.txt / {{split}}_metadata.jsonl (a Flow-GRPO dataset folder)"])
     entries, problems = [], []
     for line_number, line in enumerate(read_listing(listing).splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -217,6 +233,105 @@ def read_prompt_list(path: Path) -> FileSource:
                for number, line in enumerate(read_listing(path).splitlines(), 1) if line.strip()]
     problems = [] if entries else [f"{path}: no samples listed (only blank lines); expected one prompt per line"]
     return FileSource(entries, "prompts", str(path), problems)
+
+
+def read_flow_grpo(folder: str | Path, split: str = "train") -> FileSource:
+    """One split of a Flow-GRPO dataset folder (dataset/ocr, dataset/geneval, ...) as a prompt set."""
+    listing = flow_grpo_listing(Path(folder), split)
+    read_line = _geneval_line if listing.name.endswith(FLOW_GRPO_SUFFIXES[1]) else _text_prompt_line
+    entries, problems = [], []
+    for number, line in enumerate(read_listing(listing).splitlines(), 1):
+        entry, line_problems = read_line(line, f"{listing} line {number}", str(number - 1))
+        problems += line_problems
+        if entry is not None:
+            entries.append(entry)
+    if not entries and not problems:
+        problems.append(f"{listing}: no samples listed (the file is empty); expected one example per line")
+    return FileSource(entries, "prompts", str(listing), problems)
+
+
+def flow_grpo_listing(folder: Path, split: str) -> Path:
+    """The split's file in a Flow-GRPO folder; a DataError names what the folder holds instead."""
+    if not folder.is_dir():
+        raise DataError([f"{folder}: Flow-GRPO dataset folder does not exist (expected a folder with "
+                         f"{split}.txt or {split}_metadata.jsonl)"])
+    found = [folder / f"{split}{suffix}" for suffix in FLOW_GRPO_SUFFIXES if (folder / f"{split}{suffix}").is_file()]
+    if len(found) == 2:
+        raise DataError([f"{folder}: both {found[0].name} and {found[1].name} exist for split {split!r}; expected "
+                         f"one (Flow-GRPO picks by its prompt_fn): move the other out of the folder"])
+    if not found:
+        raise DataError([f"{folder}: no {split}.txt or {split}_metadata.jsonl for split {split!r} (Flow-GRPO "
+                         f"layout); splits in the folder: {flow_grpo_splits(folder) or 'none'}"])
+    return found[0]
+
+
+def flow_grpo_splits(folder: Path) -> list[str]:
+    """The split names a folder holds in Flow-GRPO's layouts (self_bench.txt is not one)."""
+    names = {path.name.removesuffix(FLOW_GRPO_SUFFIXES[1]) for path in folder.glob(f"*{FLOW_GRPO_SUFFIXES[1]}")}
+    names.update(path.stem for path in folder.glob("*.txt") if path.name != SELF_BENCH_LISTING)
+    return sorted(names)
+
+
+def _text_prompt_line(line: str, origin: str, example_id: str) -> tuple[Entry | None, list[str]]:
+    if not line.strip():
+        return None, [f"{origin}: empty prompt; expected one prompt per line (Flow-GRPO would train on '')"]
+    return Entry(id=example_id, origin=origin, prompt=line.strip()), []
+
+
+def _geneval_line(line: str, origin: str, example_id: str) -> tuple[Entry | None, list[str]]:
+    if not line.strip():
+        return None, [f"{origin}: blank line; expected one JSON object per line"]
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        return None, [f"{origin}: invalid JSON ({error.msg}); expected one JSON object per line"]
+    if not isinstance(record, dict):
+        return None, [f"{origin}: expected a JSON object, got {type(record).__name__}"]
+    problems = geneval_problems(record, origin)
+    if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+        problems.insert(0, f"{origin}: missing or empty 'prompt' (expected a non-empty string)")
+    if problems:
+        return None, problems
+    return Entry(id=example_id, origin=origin, prompt=record["prompt"], metadata=json.dumps(record)), []
+
+
+def geneval_problems(record: dict, origin: str) -> list[str]:
+    """GenEval's metadata as its detector reads it, for records with any of its keys: a `tag`, `include`
+    clauses (all must hold) and optional `exclude` clauses, each {class, count[, color][, position]}."""
+    if not any(key in record for key in GENEVAL_KEYS):
+        return []
+    problems = []
+    if not isinstance(record.get("tag"), str) or not record["tag"]:
+        problems.append(f"{origin}: 'tag' is {record.get('tag')!r}; expected GenEval's task name (e.g. 'counting')")
+    for key, default in (("include", None), ("exclude", [])):
+        clauses = record.get(key, default)
+        if not isinstance(clauses, list) or (key == "include" and not clauses):
+            problems.append(f"{origin}: {key!r} is {clauses!r}; expected a {'non-empty ' if default is None else ''}"
+                            f"list of {{'class', 'count', ...}} objects")
+            continue
+        for index, clause in enumerate(clauses):
+            earlier = index if key == "include" else 0  # a position names an earlier include clause
+            problems += [f"{origin}: {key}[{index}] {problem}" for problem in _clause_problems(clause, earlier)]
+    return problems
+
+
+def _clause_problems(clause, earlier: int) -> list[str]:
+    if not isinstance(clause, dict):
+        return [f"is {clause!r}; expected an object with 'class' and 'count'"]
+    problems = []
+    if not isinstance(clause.get("class"), str) or not clause["class"]:
+        problems.append(f"'class' is {clause.get('class')!r}; expected an object class name")
+    count = clause.get("count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        problems.append(f"'count' is {count!r}; expected an integer >= 1")
+    if "color" in clause and not isinstance(clause["color"], str):
+        problems.append(f"'color' is {clause['color']!r}; expected a colour name")
+    position = clause.get("position")
+    if "position" in clause and not (isinstance(position, list) and len(position) == 2
+                                     and isinstance(position[0], str) and type(position[1]) is int
+                                     and 0 <= position[1] < earlier):
+        problems.append(f"'position' is {position!r}; expected [relation, index of an earlier include clause]")
+    return problems
 
 
 def read_listing(path: Path) -> str:

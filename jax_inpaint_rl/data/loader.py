@@ -19,6 +19,8 @@ batch or seed is an error.
 Batch (B = prompts_per_batch * group_size rows, group-major: the k samples of a
 prompt are adjacent):
     id, prompt, target_text   lists of B str (target_text entries may be None)
+    metadata                  list of B str, JSON objects (sources whose examples have one: Flow-GRPO
+                              GenEval sets); the trainer hands it to rewards as meta['metadata']
     image, target             float32 (B, H, W, 3) in [-1, 1]   (sources with images)
     mask                      float32 (B, H, W, 1) in {0, 1}     (inpaint sources)
     style_image               float32 (B, S, S, 3) in [-1, 1]: target cropped to the
@@ -38,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from jax_inpaint_rl.data import masks
-from jax_inpaint_rl.data.formats import DataError
+from jax_inpaint_rl.data.formats import DataError, read_flow_grpo
 from jax_inpaint_rl.data.sources import open_source
 from jax_inpaint_rl.data.synthetic import SyntheticSource
 from jax_inpaint_rl.data.validate import find_problems
@@ -119,6 +121,8 @@ def collate(examples: list[dict], indices: np.ndarray, valid: np.ndarray, group_
         return [value for value in values for _ in range(group_size)]
 
     batch = {field: repeat(example[field] for example in examples) for field in ("id", "prompt", "target_text")}
+    if "metadata" in examples[0]:
+        batch["metadata"] = repeat(example["metadata"] for example in examples)
     for field in ("image", "mask", "target", "style_image"):
         if field in examples[0]:
             batch[field] = np.repeat(np.stack([example[field] for example in examples]), group_size, axis=0)
@@ -296,9 +300,11 @@ def loaders_from_config(data, *, prompts_per_batch: int, seed: int, sft_batch_si
     """(train, eval or None, sft or None) loaders for a config's `data` section.
 
     data.format 'synthetic' generates data.num_examples / data.num_eval_examples
-    examples at data.resolution (eval with seed + 1); any other format opens
-    data.path / data.eval_path with open_source (self_bench folder, JSON / JSONL,
-    prompt list, TFDS folder or tfds:NAME; the format is recognised from the path).
+    examples at data.resolution (eval with seed + 1); 'flow_grpo' reads split 'train'
+    of the Flow-GRPO folder data.path and split 'test' of data.eval_path (default:
+    data.path); any other format opens data.path / data.eval_path with open_source
+    (self_bench folder, JSON / JSONL, prompt list, TFDS folder or tfds:NAME; the
+    format is recognised from the path).
     Train batches hold prompts_per_batch prompts per host (the trainer forms the
     groups), eval batches prompts_per_batch distinct prompts in file order, and
     SFT batches (when `sft_batch_size` is given) sft_batch_size examples per host,
@@ -312,8 +318,12 @@ def loaders_from_config(data, *, prompts_per_batch: int, seed: int, sft_batch_si
     else:
         if not data.path:
             raise ValueError(f"config: data.path is empty for data.format={data.format!r}")
-        train_source = open_source(data.path)
-        eval_source = open_source(data.eval_path) if data.eval_path else None
+        if data.format == "flow_grpo":
+            train_source = read_flow_grpo(data.path, "train")
+            eval_source = read_flow_grpo(data.eval_path or data.path, "test")
+        else:
+            train_source = open_source(data.path)
+            eval_source = open_source(data.eval_path) if data.eval_path else None
     hosts = dict(process_index=process_index, process_count=process_count, resolution=data.resolution,
                  style_resolution=style_resolution)
     train = Loader(train_source, prompts_per_batch=prompts_per_batch, seed=seed, **hosts)

@@ -6,11 +6,11 @@ to PNG with Pillow, so TensorFlow is not needed (numpy images would need it).
 
 Reading: `open_tfds(path_or_name)` opens a prepared dataset through
 `tfds.data_source` (random access over array_record, decoded with Pillow): again
-no TensorFlow. Datasets this module wrote come back with their masks, targets and
-embeddings; any other TFDS image dataset gets a mask generated on the fly from
-(seed, index) and its prompt from a feature (`prompt_key`, ClassLabel names
-allowed, formatted with `prompt_template`). A public dataset must first be
-prepared in array_record format (`tfds build NAME --file_format=array_record`,
+no TensorFlow. Datasets this module wrote come back with their masks, targets,
+embeddings and metadata; any other TFDS image dataset gets a mask generated on
+the fly from (seed, index) and its prompt from a feature (`prompt_key`,
+ClassLabel names allowed, formatted with `prompt_template`). A public dataset
+must first be prepared in array_record format (`tfds build NAME --file_format=array_record`,
 which for most public builders needs TensorFlow on the machine that prepares it).
 """
 from pathlib import Path
@@ -55,6 +55,8 @@ class InpaintDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def features_for(example: dict) -> tfds.features.FeaturesDict:
     """TFDS features for examples shaped like `example` (images as PNG, embeddings as tensors)."""
     features = {"id": tfds.features.Text(), "prompt": tfds.features.Text(), "target_text": tfds.features.Text()}
+    if "metadata" in example:
+        features["metadata"] = tfds.features.Text()
     for field, channels in (("image", 3), ("mask", 1), ("target", 3)):
         if field in example:
             features[field] = tfds.features.Image(shape=(None, None, channels))
@@ -68,6 +70,8 @@ def features_for(example: dict) -> tfds.features.FeaturesDict:
 def encode(example: dict) -> dict:
     """An example as TFDS takes it without TensorFlow: PIL images, '' for a missing target_text."""
     record = {"id": example["id"], "prompt": example["prompt"], "target_text": example["target_text"] or ""}
+    if "metadata" in example:
+        record["metadata"] = example["metadata"]
     for field in ("image", "target"):
         if field in example:
             record[field] = Image.fromarray(example[field])
@@ -127,6 +131,8 @@ class TfdsSource:
                    "prompt": self.prompt_template.format(self._prompt(record[self.prompt_key])),
                    "target_text": _text(record["target_text"]) or None if "target_text" in record else None,
                    "embeddings": {name: np.asarray(value) for name, value in record.get("embeddings", {}).items()}}
+        if "metadata" in record:
+            example["metadata"] = _text(record["metadata"])
         if self.kind == "prompts":
             return example
         example["image"] = _rgb(record[self.image_key])
@@ -160,6 +166,8 @@ def tfds_fields(info: tfds.core.DatasetInfo, kind: str) -> frozenset[str]:
         fields.add("target_text")
     if "embeddings" in features:
         fields.update(embedding_field(name) for name in features["embeddings"].keys())
+    if "metadata" in features:
+        fields.add("metadata")
     return frozenset(fields)
 
 

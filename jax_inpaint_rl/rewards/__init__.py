@@ -1,4 +1,5 @@
-"""Rewards: OCR, VLM judge, CLIP score, inpainting scores, remote rewards, and the calculator.
+"""Rewards: OCR, VLM judge, CLIP score, inpainting scores, remote rewards (GenEval among them), and the
+calculator.
 
 `get_reward(name, **config)` builds a reward from the registry. Built-ins are
 imported on first use, so serving the OCR reward never imports jax and the
@@ -22,6 +23,8 @@ _BUILTIN = {
     "seam": "jax_inpaint_rl.rewards.inpaint_scores:make_seam",
     "region": "jax_inpaint_rl.rewards.inpaint_scores:make_region_only",
     "remote": "jax_inpaint_rl.rewards.remote:make_remote_reward",
+    "geneval": "jax_inpaint_rl.rewards.geneval:make_geneval_reward",
+    "geneval_evaluator": "jax_inpaint_rl.rewards.geneval:make_geneval_evaluator",
 }
 _REGISTERED: dict[str, RewardFactory] = {}
 

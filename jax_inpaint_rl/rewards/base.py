@@ -8,12 +8,15 @@ A reward is any callable
 - `prompts`: list of B strings.
 - `meta`: per-sample fields, each batch-leading: `mask` (B, H, W, 1) in {0, 1}
   (1 = region that was filled), `source` (B, H, W, 3) uint8 (the image before
-  filling), `target_text` (B strings), `reference` (B, H, W, 3) uint8. A reward
-  reads only the fields it needs and checks them with the helpers below.
+  filling), `target_text` (B strings), `reference` (B, H, W, 3) uint8,
+  `metadata` (B strings, each a JSON object: the example's record, e.g. a GenEval
+  prompt's tag and clauses). A reward reads only the fields it needs and checks
+  them with the helpers below.
 
 Rewards run on the host, outside jit. A reward that cannot score a sample raises
 (`RewardError` or a more specific error); it never returns a made-up value.
 """
+import json
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -75,6 +78,21 @@ def meta_image(meta: Meta, field: str, images: np.ndarray, reward: str) -> np.nd
 
 def meta_texts(meta: Meta, field: str, batch: int, reward: str) -> list[str]:
     return check_prompts(meta_field(meta, field, reward), batch, name=f"{reward}: meta[{field!r}]")
+
+
+def meta_records(meta: Meta, field: str, batch: int, reward: str) -> list[dict]:
+    """meta[field] (B JSON strings, as they also travel to remote rewards) as B dicts."""
+    records = []
+    for row, text in enumerate(meta_texts(meta, field, batch, reward)):
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{reward}: meta[{field!r}] row {row} is not JSON ({error.msg}): {text[:80]!r}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{reward}: meta[{field!r}] row {row} is a JSON {type(record).__name__}, "
+                             "expected an object")
+        records.append(record)
+    return records
 
 
 def check_scores(scores: Mapping[str, Any], batch: int, reward: str) -> Scores:

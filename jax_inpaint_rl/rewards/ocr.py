@@ -7,6 +7,10 @@ normalising both strings the same way:
   inserts and drops spaces between glyphs far more often than diffusion models
   do; `whitespace="collapse"` keeps word breaks as single spaces.
 So the right text scores 1, a blank image scores 0 against any non-empty target.
+The target is meta['target_text'] (`target="target_text"`, the dataset's field) or,
+with `target="quoted"`, the text between the first pair of double quotes of each
+prompt (Flow-GRPO's OCR prompts: 'A shop sign that reads "OPEN"'); a prompt
+without one is an error naming it, never a score.
 
 Two ways to read an image, set by `mode`:
 - "crop" (fast path): recognition only, on the bounding box of the mask (padded
@@ -96,17 +100,32 @@ def read_full(images: np.ndarray, min_confidence: float, threads: int = 0) -> li
     return texts
 
 
+def quoted_text(prompt: str) -> str:
+    """The text between the first two double quotes of `prompt`."""
+    parts = prompt.split('"')
+    if len(parts) < 3:
+        raise ValueError(f"ocr: target='quoted' but the prompt {prompt!r} has no text in double quotes")
+    return parts[1]
+
+
+TARGETS = ("target_text", "quoted")
+
+
 def make_ocr_reward(
     mode: str = "crop",
+    target: str = "target_text",
     case_sensitive: bool = False,
     whitespace: str = "ignore",
     crop_pad: int = 8,
     min_confidence: float = 0.5,
     threads: int = 0,
 ):
-    """OCR reward against meta['target_text'] (see module docstring); `threads` 0 = onnxruntime default."""
+    """OCR reward against meta['target_text'] or the prompts' quoted text (see module docstring); `threads` 0 =
+    onnxruntime default."""
     if mode not in ("crop", "full"):
         raise ValueError(f"ocr: mode must be 'crop' or 'full', got {mode!r}")
+    if target not in TARGETS:
+        raise ValueError(f"ocr: target must be one of {TARGETS}, got {target!r}")
     normalize_text("", case_sensitive, whitespace)  # reject a bad `whitespace` at build time
 
     def read_texts(images: np.ndarray, meta: Meta) -> list[str]:
@@ -118,7 +137,8 @@ def make_ocr_reward(
     def ocr_reward(images: np.ndarray, prompts: Sequence[str], meta: Meta) -> Scores:
         images = check_images(images)
         check_prompts(prompts, len(images))
-        targets = meta_texts(meta, "target_text", len(images), "ocr")
+        targets = ([quoted_text(prompt) for prompt in prompts] if target == "quoted"
+                   else meta_texts(meta, "target_text", len(images), "ocr"))
         scores = [
             text_similarity(normalize_text(t, case_sensitive, whitespace), normalize_text(g, case_sensitive, whitespace))
             for t, g in zip(read_texts(images, meta), targets)

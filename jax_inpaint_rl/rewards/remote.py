@@ -27,7 +27,7 @@ import os
 import random
 import time
 import urllib.parse
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -178,11 +178,15 @@ def make_remote_reward(
     on_failure: str = "raise",
     token: str | None = None,
     send_group: bool = False,
+    reply_check: Callable[[Scores, int, int, str], None] | None = None,
 ):
     """Client for a reward server at `url` (e.g. http://127.0.0.1:8001); see module docstring.
 
     `token` defaults to $REWARD_SERVER_TOKEN; `send_group` forwards meta['group'] to a
     server whose reward reads it (by default it stays on the trainer side).
+    `reply_check(scores, start, stop, url)` is a reward's own reply contract (ranges,
+    names), raising `BadReply`; it runs on every reply after the generic check, so
+    in drop mode a bad reply drops only its own groups.
     """
     if on_failure not in ("raise", "drop"):
         raise ValueError(f"remote: on_failure must be 'raise' or 'drop', got {on_failure!r}")
@@ -192,7 +196,10 @@ def make_remote_reward(
 
     def score_chunk(body: bytes, start: int, stop: int) -> Scores:
         reply = post_with_retries(score_url, body, timeout_s, max_retries, backoff_s, token)
-        return check_reply(reply, start, stop, score_url)
+        scores = check_reply(reply, start, stop, score_url)
+        if reply_check is not None:
+            reply_check(scores, start, stop, score_url)
+        return scores
 
     def remote_reward(images: np.ndarray, prompts: Sequence[str], meta: Meta) -> Scores:
         images = check_images(images)

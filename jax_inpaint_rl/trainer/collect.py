@@ -51,10 +51,14 @@ def host_images(run: Run, latents, inputs) -> np.ndarray:
 
 
 def reward_meta(batch: dict, group_size: int) -> dict:
-    """The loader's fields under the names rewards read (images as uint8), only those the data has, and
+    """The loader's fields under the names rewards read (images as uint8), only those the data has (target_text
+    when every row has one), and
     'group': (B,) ids of the rows that share a prompt (consecutive runs of group_size)."""
-    names = {"mask": "mask", "image": "source", "target": "reference", "target_text": "target_text"}
+    names = {"mask": "mask", "image": "source", "target": "reference", "target_text": "target_text",
+             "metadata": "metadata"}
     meta = {name: batch[field] for field, name in names.items() if field in batch}
+    if any(text is None for text in meta["target_text"]):  # sets without texts: a reward needing them says so
+        del meta["target_text"]
     meta["group"] = np.arange(len(batch["prompt"])) // group_size
     for name in ("source", "reference"):
         if name in meta:

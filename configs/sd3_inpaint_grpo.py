@@ -1,0 +1,15 @@
+"""SD3 inpainting (a 33-channel transformer: [noisy latents, mask, masked-image latents]) + GRPO on a JSONL
+inpainting set, with OCR of the mask region against each example's target_text; Flow-GRPO's SD3 settings."""
+from configs import sd3_grpo
+
+
+def get_config():
+    c = sd3_grpo.get_config()
+    c.output_dir = "runs/sd3_inpaint_grpo"
+    c.model.family = "sd3_inpaint"
+    c.model.path = ""  # python -m tools.convert_weights sd3 --src <SD3 inpainting folder> --dst DIR
+    c.data.format = "jsonl"  # image_path, mask_path, prompt, target_text (seeds 001 / 004)
+    c.data.path = ""
+    c.data.eval_path = ""
+    c.reward.specs = {"ocr": {"weight": 1.0, "config": {"mode": "crop"}}}
+    return c
