@@ -18,6 +18,7 @@ import optax
 from jax_inpaint_rl.algorithms import ema as ema_lib
 from jax_inpaint_rl.algorithms import trainable as trainable_lib
 from jax_inpaint_rl.algorithms.base import Policy
+from jax_inpaint_rl.diffusion.guidance import positive
 from jax_inpaint_rl.diffusion.steps import Sampler
 from jax_inpaint_rl.models.family import Family
 
@@ -27,9 +28,10 @@ def make_policy(family: Family, schedule, sampler: Sampler, guidance_scale: floa
     def denoise(denoiser_params, x, t, cond):
         return family.denoise({family.denoiser_key: denoiser_params}, x, t, cond)
 
+    paste = None if family.paste_region is None else (lambda cond: family.paste_region(positive(cond)))
     return Policy(guided=family.guidance.guided(denoise, guidance_scale),
                   unguided=family.guidance.unguided(denoise, guidance_scale),
-                  parameterization=family.parameterization, schedule=schedule, sampler=sampler)
+                  parameterization=family.parameterization, schedule=schedule, sampler=sampler, paste=paste)
 
 
 def make_encode(family: Family) -> Callable:

@@ -139,6 +139,9 @@ def test_recipe_trains_with_a_tiny_model(recipe, tmp_path):
         assert "text_encoder_2" not in runner.frozen_params
     if recipe == "demo":
         _inpaint_cli_on(config.output_dir, tmp_path)
+    if config.train.method == "grpo":  # on-policy before the first update (sd3_inpaint_grpo: pasted rollouts)
+        lines = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
+        assert [line for line in lines if "first_ratio_deviation" in line][0]["first_ratio_deviation"] < 1e-5
     if recipe in ("flux_kontext_grpo", "flux_dev_grpo", "sd3_grpo"):
         _edit_and_generate_with(config.output_dir, tmp_path)
 

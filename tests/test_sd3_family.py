@@ -5,8 +5,10 @@ initial noise, 3 flow Euler steps with CFG 5, a batch of 2 prompts, non-square i
   prompt embeddings (positive and the "" negative), the latents and the decoded images;
 - StableDiffusion3InpaintPipeline (strength 1) with a 33-channel transformer vs `sd3_inpaint`: the mask and
   masked-image latents against the pipeline's own preprocessing (grey mask pixels on both sides of 0.5), and
-  the latents;
+  the latents; with a 16-channel transformer, our rollout pasting the re-noised source outside the mask after
+  every step against the pipeline's; the pasted rollout's log-probs (the region only, NumPy) and their re-scoring;
 then the tiny families through the trainer's call chain, and bad inputs named."""
+import dataclasses
 import json
 import re
 import shutil
@@ -19,8 +21,10 @@ import torch
 from PIL import Image
 
 from jax_inpaint_rl import programs
+from jax_inpaint_rl.diffusion import rollout as rollout_lib
 from jax_inpaint_rl.diffusion import schedules
 from jax_inpaint_rl.diffusion.guidance import BatchedCFG
+from jax_inpaint_rl.diffusion.steps import Sampler
 from jax_inpaint_rl.models import family as family_lib
 from jax_inpaint_rl.models.params_io import flatten, read_json
 from jax_inpaint_rl.models.sd3 import family as sd3
@@ -40,6 +44,8 @@ PIPELINES = {
                                                    joint_attention_dim=40, pooled_projection_dim=40), False, 2.0,
                   "sd3"),
     "inpaint": ("StableDiffusion3InpaintPipeline", dict(PIPE_TRANSFORMER, in_channels=33), True, 3.0, "sd3_inpaint"),
+    # a plain SD3.5 transformer: the pipeline pastes the noised source outside the mask after every step
+    "inpaint_paste": ("StableDiffusion3InpaintPipeline", PIPE_TRANSFORMER, True, 3.0, "sd3_inpaint"),
 }
 
 
@@ -169,14 +175,18 @@ def test_text_to_image_parity(text_to_image):
     assert relative_error(decoded, reference_images) <= TOLERANCE, name
 
 
-def test_inpaint_parity(tmp_path_factory, monkeypatch):
+def encode_with_the_mean(monkeypatch):
+    """Our conditioning encodes images with the VAE's posterior mean; make the inpainting pipeline do the same."""
     import diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint as inpaint_module
 
-    _, pipe, _, (family, params) = converted("inpaint", tmp_path_factory)
-    # Our conditioning encodes the masked image with the posterior mean; make the pipeline do the same.
     original = inpaint_module.retrieve_latents
     monkeypatch.setattr(inpaint_module, "retrieve_latents",
                         lambda out, generator=None, sample_mode="sample": original(out, generator, "argmax"))
+
+
+def test_inpaint_parity(tmp_path_factory, monkeypatch):
+    _, pipe, _, (family, params) = converted("inpaint", tmp_path_factory)
+    encode_with_the_mean(monkeypatch)
     images, masks, noise = examples()
     got, cond = run_ours(family, params, images, masks, noise)
 
@@ -194,6 +204,62 @@ def test_inpaint_parity(tmp_path_factory, monkeypatch):
     ref = run_diffusers(pipe, noise, "latent", image=pil_images, mask_image=pil_masks, strength=1.0)
     assert relative_error(got, ref.transpose(0, 2, 3, 1)) <= TOLERANCE
     assert relative_error(got, noise.transpose(0, 2, 3, 1)) > 1e-2, "the steps moved the latents"
+
+
+def test_inpaint_by_pasting_parity(tmp_path_factory, monkeypatch):
+    """A 16-channel transformer: our rollout (the ODE sampler, Family.paste_region) against the pipeline's
+    per-step paste of the re-noised source; outside the mask the clean result is the source's latents."""
+    _, pipe, _, (family, params) = converted("inpaint_paste", tmp_path_factory)
+    encode_with_the_mean(monkeypatch)
+    images, masks, noise = examples()
+    inputs = {"image": jnp.asarray(images, jnp.float32) / 127.5 - 1.0,
+              "mask": jnp.asarray(masks[..., None], jnp.float32) / 255.0}
+    cond = programs.make_encode(family)(params, family.tokenize(PROMPTS, inputs),
+                                        family.tokenize([""] * BATCH, inputs), inputs, {})
+    assert set(cond["positive"]) == {"text", "pooled", "mask", "source_latents"}
+    policy = programs.make_policy(family, family.schedule(STEPS, None), Sampler("flow_grpo", 0.7), SCALE)
+    x_init = jnp.asarray(noise.transpose(0, 2, 3, 1))
+    trajectory = jax.jit(lambda p, c, x: rollout_lib.rollout(
+        policy.guided, p, c, x, policy.schedule, policy.sampler, jax.random.key(0), jnp.zeros(STEPS),
+        paste=policy.paste(c)))(params["transformer"], cond, x_init)
+    got = trajectory.latents[:, -1]
+
+    pil_images, pil_masks = [Image.fromarray(i) for i in images], [Image.fromarray(m) for m in masks]
+    ref = run_diffusers(pipe, noise, "latent", image=pil_images, mask_image=pil_masks, strength=1.0)
+    assert relative_error(got, ref.transpose(0, 2, 3, 1)) <= TOLERANCE
+    region, source = cond["positive"]["mask"], cond["positive"]["source_latents"]
+    outside = np.broadcast_to(np.asarray(region) == 0, got.shape)
+    np.testing.assert_allclose(np.asarray(got)[outside], np.asarray(source)[outside], rtol=0, atol=1e-6)
+    assert relative_error(np.asarray(got)[~outside], noise.transpose(0, 2, 3, 1)[~outside]) > 1e-2
+
+
+def test_pasted_log_probs_cover_the_region_and_are_on_policy():
+    """The SDE rollout's log-probs are the Gaussian density averaged over the region only (NumPy), and
+    re-scoring each stored transition gives them back (GRPO's first ratio is 1)."""
+    family, params = sd3.tiny("sd3_inpaint", seed=3)
+    assert family.paste_region is not None
+    rng = np.random.default_rng(1)
+    inputs = {"image": jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32),
+              "mask": jnp.zeros((2, 32, 32, 1)).at[0, 4:20, 8:28].set(1.0).at[1, 16:32, 0:12].set(1.0)}
+    cond = programs.make_encode(family)(params, family.tokenize(["a", "b"], inputs), family.tokenize(["", ""], inputs),
+                                        inputs, {})
+    policy = programs.make_policy(family, family.schedule(3, None), Sampler("flow_grpo", 0.7), 4.0)
+    x_init = jax.random.normal(jax.random.key(1), (2, *family.latent_shape(32, 32)))
+    trajectory = rollout_lib.rollout(policy.guided, params["transformer"], cond, x_init, policy.schedule,
+                                     policy.sampler, jax.random.key(2), paste=policy.paste(cond))
+    region = np.broadcast_to(np.asarray(cond["positive"]["mask"], np.float64), trajectory.means.shape[:1] +
+                             trajectory.means.shape[2:])
+    for step in range(3):
+        x_next = np.asarray(trajectory.latents[:, step + 1], np.float64)
+        mean, std = np.asarray(trajectory.means[:, step], np.float64), np.asarray(trajectory.stds[:, step], np.float64)
+        std = std.reshape(-1, 1, 1, 1)
+        density = -((x_next - mean) ** 2) / (2 * std**2) - np.log(std) - 0.5 * np.log(2 * np.pi)
+        want = (region * density).sum(axis=(1, 2, 3)) / region.sum(axis=(1, 2, 3))
+        np.testing.assert_allclose(trajectory.log_probs[:, step], want, rtol=1e-4)
+        scored = rollout_lib.score_transitions(
+            policy.guided, params["transformer"], cond, trajectory.latents[:, step], trajectory.latents[:, step + 1],
+            jnp.full((2,), step), policy.schedule, policy.sampler, jnp.ones(3), region=policy.paste(cond)[0])
+        np.testing.assert_allclose(scored.log_prob, trajectory.log_probs[:, step], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sd3.VARIANTS)
@@ -219,9 +285,10 @@ def test_tiny_family_runs_the_trainer_chain(name):
     text = cond["positive"]["text"]
     assert text.shape == (2, 77 + sd3.TINY_T5_LENGTH, 32) and cond["positive"]["pooled"].shape == (2, 32)
     assert not np.allclose(text, cond["negative"]["text"]), "the prompt reaches the embedding"
-    if "mask" in family.inputs:
-        assert cond["positive"]["mask"].shape == (2, 16, 12, 1) and cond["positive"]["masked_latents"].shape == (
+    if "mask" in family.inputs:  # the tiny sd3_inpaint has a 16-channel transformer: it pastes the source
+        assert cond["positive"]["mask"].shape == (2, 16, 12, 1) and cond["positive"]["source_latents"].shape == (
             2, *shape)
+        assert family.paste_region is not None
     x0 = jax.jit(family.encode_image)(params, images)
     assert x0.shape == (2, *shape)
     velocity = jax.jit(family.guidance.guided(family.denoise, 5.0))(params, x0, jnp.full((2,), 0.5), cond)
@@ -232,14 +299,16 @@ def test_tiny_family_runs_the_trainer_chain(name):
 
 def test_bad_inputs_are_named(no_t5, tmp_path):
     _, _, folder, _ = no_t5
-    with pytest.raises(ValueError, match=r"jax: components do not fit together: transformer in_channels=16, "
-                                         r"sd3_inpaint with this VAE needs 33 \(a transformer for sd3\)"):
-        sd3.load(str(folder), name="sd3_inpaint", t5_length=T5_LENGTH)
+    with pytest.raises(ValueError, match=r"jax: components do not fit together: transformer in_channels=20, "
+                                         r"sd3_inpaint with this VAE needs 16 or 33"):
+        sd3.build_modules("sd3_inpaint", dataclasses.replace(sd3.tiny_configs()[0], in_channels=20),
+                          *sd3.tiny_configs()[1:], source="jax")
     with pytest.raises(ValueError, match=r"in_channels=33, sd3 with this VAE needs 16 \(a transformer for "
                                          r"sd3_inpaint\)"):
-        sd3.build_modules("sd3", *sd3.tiny_configs("sd3_inpaint"))
+        sd3.build_modules("sd3", dataclasses.replace(sd3.tiny_configs()[0], in_channels=33),
+                          *sd3.tiny_configs()[1:])
     with pytest.raises(ValueError, match="unknown SD3 variant 'sd3_edit'"):
-        sd3.build_modules("sd3_edit", *sd3.tiny_configs("sd3"))
+        sd3.build_modules("sd3_edit", *sd3.tiny_configs())
 
     def broken(name: str, change) -> str:
         copy = tmp_path / name

@@ -44,6 +44,7 @@ class Policy:
     parameterization: Any  # diffusion.parameterization.Velocity() | Epsilon()
     schedule: Schedule
     sampler: Sampler
+    paste: Callable | None = None  # cond -> (region, source latents): Family.paste_region on the positive cond
 
 
 class MicroBatch(NamedTuple):
@@ -90,7 +91,8 @@ def rollout_program(policy: Policy, merge: Callable) -> Callable:
     @jax.jit
     def sample(base, trainable, cond, start, key, window):
         trajectory = rollout_lib.rollout(policy.guided, merge(base, trainable), cond, start["noise"],
-                                         policy.schedule, policy.sampler, key, window)
+                                         policy.schedule, policy.sampler, key, window,
+                                         paste=policy.paste(cond) if policy.paste else None)
         return {"latents": trajectory.latents, "log_probs": trajectory.log_probs}, trajectory.latents[:, -1]
 
     return sample

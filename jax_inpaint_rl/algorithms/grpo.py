@@ -103,7 +103,8 @@ def grpo_objective(policy: Policy, params, frozen, batch, key, *, clip_range: fl
     x, x_next, step_index = batch["x"], batch["x_next"], batch["step_index"]
     score = functools.partial(rollout_lib.score_transitions, policy.guided, cond=batch["cond"], latents=x,
                               next_latents=x_next, step_index=step_index, schedule=policy.schedule,
-                              sampler=policy.sampler, window=batch["window"])
+                              sampler=policy.sampler, window=batch["window"],
+                              region=policy.paste(batch["cond"])[0] if policy.paste else None)
     scored = score(params=params)
     ref_mean = score(params=frozen["ref"]).mean if kl_beta > 0 else None
     terms = grpo_loss(scored.log_prob, batch["old_log_prob"], batch["advantages"], clip_range=clip_range,

@@ -55,43 +55,55 @@ def random_sde_window(key, total_steps: int, size: int, max_start: int) -> jax.A
     return ((steps >= start) & (steps < start + size)).astype(jnp.float32)
 
 
-def rollout(denoise, params, cond, x_init, schedule: Schedule, sampler: Sampler, key, window=None) -> Trajectory:
+def pasted(sample, region, source, x_init, sigma_next):
+    """`sample` inside `region`, the source latents noised to sigma_next with the initial noise outside
+    (x_t = (1 - sigma) x0 + sigma eps: diffusers' scale_noise, as its SD3 inpainting pipeline pastes)."""
+    return region * sample + (1 - region) * ((1 - sigma_next) * source + sigma_next * x_init)
+
+
+def rollout(denoise, params, cond, x_init, schedule: Schedule, sampler: Sampler, key, window=None,
+            paste=None) -> Trajectory:
     """Run all steps from `x_init`; `denoise(params, x, t, cond)` is already guided.
 
-    `window` (T,) scales the sampler's noise per step (None = SDE everywhere).
+    `window` (T,) scales the sampler's noise per step (None = SDE everywhere). `paste` (region, source
+    latents): a family that generates only a region (Family.paste_region); outside it each step's sample is
+    replaced by the noised source and the log-probs cover the region alone.
     """
     total = num_steps(schedule)
     window = jnp.ones((total,), jnp.float32) if window is None else jnp.asarray(window, jnp.float32)
     batch = x_init.shape[0]
+    x_init = x_init.astype(jnp.float32)
+    region = None if paste is None else paste[0]
 
     def one_step(x, inputs):
         coeffs, step_window, step_key = inputs
         t = jnp.broadcast_to(coeffs["model_t"], (batch,))
         model_out = denoise(params, x, t, cond)
-        out = sampler.step(model_out, x, coeffs, window=step_window, key=step_key)
+        out = sampler.step(model_out, x, coeffs, window=step_window, key=step_key, region=region)
+        if paste is not None:
+            out = out._replace(sample=pasted(out.sample, *paste, x_init, coeffs["sigma_next"]))
         return out.sample, (out.sample, out.log_prob, out.mean, out.std)
 
     keys = jax.random.split(key, total)
-    x_final, (samples, log_probs, means, stds) = jax.lax.scan(
-        one_step, x_init.astype(jnp.float32), (schedule, window, keys))
+    x_final, (samples, log_probs, means, stds) = jax.lax.scan(one_step, x_init, (schedule, window, keys))
     del x_final
-    latents = jnp.concatenate([x_init[None].astype(jnp.float32), samples], axis=0)
+    latents = jnp.concatenate([x_init[None], samples], axis=0)
     batch_major = lambda a: jnp.moveaxis(a, 0, 1)  # noqa: E731
     return Trajectory(batch_major(latents), batch_major(log_probs), batch_major(means), batch_major(stds),
                       schedule["model_t"], window)
 
 
 def score_transitions(denoise, params, cond, latents, next_latents, step_index, schedule: Schedule,
-                      sampler: Sampler, window) -> StepOutput:
+                      sampler: Sampler, window, region=None) -> StepOutput:
     """Re-evaluate stored transitions x_j -> x_{j+1} under `params` (per-sample step j).
 
-    latents, next_latents: (B, ...); step_index: (B,) int. Returns the step's
-    log-prob, mean and std for each sample: the quantities GRPO's ratio and KL use.
+    latents, next_latents: (B, ...); step_index: (B,) int; `region` as the rollout's paste had it. Returns
+    the step's log-prob, mean and std for each sample: the quantities GRPO's ratio and KL use.
     """
     coeffs = take_steps(schedule, step_index)
     model_out = denoise(params, latents, coeffs["model_t"], cond)
     step_window = jnp.take(jnp.asarray(window, jnp.float32), step_index)
-    return sampler.step(model_out, latents, coeffs, window=step_window, next_sample=next_latents)
+    return sampler.step(model_out, latents, coeffs, window=step_window, next_sample=next_latents, region=region)
 
 
 def gather_steps(trajectory: Trajectory, step_index):

@@ -32,13 +32,18 @@ def mean_over_dims(values):
     return values.mean(axis=tuple(range(1, values.ndim)))
 
 
-def gaussian_log_prob(sample, mean, std):
-    """Mean over dims of the Gaussian log-density; 0 where std == 0."""
+def gaussian_log_prob(sample, mean, std, region=None):
+    """Mean over dims of the Gaussian log-density; 0 where std == 0. With `region` (broadcastable to sample,
+    1 where sampled) the mean is over the region's dims only."""
     std = per_sample(std, sample)
     positive = std > 0
     safe_std = jnp.where(positive, std, 1.0)
-    density = -((sample - mean) ** 2) / (2 * safe_std**2) - jnp.log(safe_std) - 0.5 * math.log(2 * math.pi)
-    return mean_over_dims(jnp.where(positive, density, 0.0))
+    density = jnp.where(positive, -((sample - mean) ** 2) / (2 * safe_std**2) - jnp.log(safe_std)
+                        - 0.5 * math.log(2 * math.pi), 0.0)
+    if region is None:
+        return mean_over_dims(density)
+    region = jnp.broadcast_to(jnp.asarray(region, jnp.float32), sample.shape)
+    return mean_over_dims(region * density) / jnp.maximum(mean_over_dims(region), 1e-12)
 
 
 def _finish(mean, std, key, next_sample) -> StepOutput:
@@ -152,7 +157,14 @@ class Sampler:
         if self.kind not in STEP_FUNCTIONS:
             raise ValueError(f"sampler kind {self.kind!r}: expected one of {sorted(STEP_FUNCTIONS)}")
 
-    def step(self, model_out, x, coeffs, *, window=1.0, key=None, next_sample=None) -> StepOutput:
+    def step(self, model_out, x, coeffs, *, window=1.0, key=None, next_sample=None, region=None) -> StepOutput:
+        """One step; with `region` (1 where the latents are sampled) the log-prob covers the region only."""
         noise = self.noise_level * jnp.asarray(window, jnp.float32)
         kwargs = {"log_prob_form": self.cps_log_prob} if self.kind == "cps" else {}
-        return STEP_FUNCTIONS[self.kind](model_out, x, coeffs, noise, key=key, next_sample=next_sample, **kwargs)
+        out = STEP_FUNCTIONS[self.kind](model_out, x, coeffs, noise, key=key, next_sample=next_sample, **kwargs)
+        if region is None:
+            return out
+        if self.kind == "cps" and self.cps_log_prob != "gaussian":
+            raise ValueError(f"sampler cps with log-prob form {self.cps_log_prob!r} cannot score a region; "
+                             "use 'gaussian'")
+        return out._replace(log_prob=gaussian_log_prob(out.sample, out.mean, out.std, region))

@@ -65,6 +65,11 @@ class Family:
     text_embeddings: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # side of the square 'style_image' (the target cropped to the mask's box) a family with that input reads
     style_resolution: int = 0
+    # cond -> (region (B, *latent_shape) 1 where the latents are generated, source latents x0): a family that
+    # generates only a region (SD3's 16-channel inpainting). After every step the rollout sets the latents outside
+    # the region to the source noised to the next step's time with the initial noise, and log-probs average over
+    # the region alone (the rest is not sampled). Flow-matching schedules only. None: every latent is generated.
+    paste_region: Callable[[Cond], tuple[Any, Any]] | None = None
 
     def __post_init__(self):
         unknown = set(self.inputs) - set(INPUT_FIELDS)
@@ -74,6 +79,9 @@ class Family:
         if ("style_image" in self.inputs) != (self.style_resolution > 0):
             raise ValueError(f"family {self.name}: style_resolution={self.style_resolution} must be > 0 exactly when "
                              "'style_image' is one of its inputs")
+        if self.paste_region is not None and self.parameterization.name != "velocity":
+            raise ValueError(f"family {self.name}: paste_region needs a flow-matching (velocity) family; its "
+                             f"parameterization is {self.parameterization.name!r}")
         if not set(self.text_embeddings.values()) <= set(self.text_encoders):
             raise ValueError(f"family {self.name}: text_embeddings {dict(self.text_embeddings)} name components "
                              f"outside text_encoders {self.text_encoders}")

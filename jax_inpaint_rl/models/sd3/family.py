@@ -10,12 +10,14 @@ Both are diffusers' pipelines restated over parameter pytrees `{'transformer', '
   (programs.make_encode passes it none), so none of them can be left unloaded.
 - guidance: real classifier-free guidance on the batch [negative; positive] (BatchedCFG); the negative prompt
   is "", the pipelines' default.
-- `sd3_inpaint` (StableDiffusion3InpaintPipeline with a 33-channel transformer, strength 1): the mask binarised
-  at 0.5 (its mask_processor), the image with the fill region zeroed (image * (mask < 0.5)) through the VAE,
-  the mask nearest-resized to the latent grid; the transformer sees [noisy latents, mask, masked-image
-  latents] on channels (16 + 1 + 16). The VAE encodes with the posterior mean (the pipeline samples), so the
-  conditioning is a deterministic function of the inputs. A 16-channel transformer (the pipeline's other
-  mode, which blends the source into the latents after every step) is refused.
+- `sd3_inpaint` (StableDiffusion3InpaintPipeline, strength 1), in the pipeline's two modes, chosen by the
+  checkpoint's transformer: the mask binarised at 0.5 (its mask_processor) and nearest-resized to the latent
+  grid; with 33 input channels the image with the fill region zeroed (image * (mask < 0.5)) goes through the
+  VAE and the transformer sees [noisy latents, mask, masked-image latents] on channels (16 + 1 + 16); with 16
+  (any SD3 / SD3.5 checkpoint) the source's latents are pasted outside the mask after every step, noised to the
+  next sigma with the initial noise (`Family.paste_region`; the log-probs cover the mask's latents only). The
+  VAE encodes with the posterior mean (the pipeline samples), so the conditioning is a deterministic function
+  of the inputs.
 - velocity prediction; `t` is sigma in [0, 1] and the transformer receives sigma x num_train_timesteps (the
   scheduler's timesteps, 0..1000); the schedule is flow-match Euler with the static shift of the folder's
   scheduler/scheduler_config.json (3.0 for SD3 and SD3.5, and for the tiny model).
@@ -134,21 +136,35 @@ def encode_latents(modules: Modules, vae_params, image):
     return vae_lib.vae_encode(modules.vae, vae_params, image)
 
 
+def pastes_source(modules: Modules) -> bool:
+    """sd3_inpaint with a plain 16-channel transformer: the source is pasted outside the mask (docstring)."""
+    return bool(INPUTS[modules.variant]) and modules.transformer.config.in_channels == modules.vae.config.latent_channels
+
+
 def prepare_condition(modules: Modules, params, inputs):
-    """sd3: {}; sd3_inpaint: {'mask': (B, h, w, 1) binary on the latent grid, 'masked_latents': (B, h, w, 16)}."""
+    """sd3: {}; sd3_inpaint: {'mask': (B, h, w, 1) binary on the latent grid, and 'masked_latents' (33 channels)
+    or 'source_latents' (16 channels: pasted outside the mask), (B, h, w, 16)}."""
     if not INPUTS[modules.variant]:
         return {}
     image, mask = inputs["image"], inputs["mask"]
     check_image_and_mask(image, mask, modules.factor)
     binary = (mask >= 0.5).astype(jnp.float32)  # the pipeline's mask_processor binarises before anything else
+    if pastes_source(modules):
+        latents = encode_latents(modules, params["vae"], image)
+        return {"mask": latent_mask(binary, *latents.shape[1:3]), "source_latents": latents}
     masked_latents = encode_latents(modules, params["vae"], masked_image(image, binary))
     return {"mask": latent_mask(binary, *masked_latents.shape[1:3]), "masked_latents": masked_latents}
+
+
+def paste_region(cond):
+    """(the latent mask, the source latents): outside the mask the rollout keeps the noised source."""
+    return cond["mask"], cond["source_latents"]
 
 
 def denoise(modules: Modules, params, x, t, cond):
     """Velocity (fp32) for latents x (B, h, w, 16) at sigma t (B,)."""
     hidden = x
-    if INPUTS[modules.variant]:
+    if INPUTS[modules.variant] and not pastes_source(modules):
         hidden = jnp.concatenate([x, cond["mask"].astype(x.dtype), cond["masked_latents"].astype(x.dtype)], -1)
     timestep = jnp.asarray(t, jnp.float32) * modules.flow.num_train_timesteps
     out = modules.transformer.apply({"params": params["transformer"]}, hidden, timestep, cond["text"],
@@ -179,12 +195,14 @@ def make_family(modules: Modules, tokenize: Callable) -> Family:
         inputs=INPUTS[modules.variant], denoiser_key="transformer", tokenize=tokenize,
         encode_prompt=bind(encode_prompt), prepare_condition=bind(prepare_condition), denoise=bind(denoise),
         encode_image=lambda params, image: encode_latents(modules, params["vae"], image), decode=bind(decode),
-        latent_shape=bind(latent_shape), tensor_rules=TENSOR_RULES, text_encoders=text_encoders(modules))
+        latent_shape=bind(latent_shape), tensor_rules=TENSOR_RULES, text_encoders=text_encoders(modules),
+        paste_region=paste_region if pastes_source(modules) else None)
 
 
-def expected_in_channels(variant: str, vae: vae_lib.VAEConfig) -> int:
-    """Latents, and for inpainting the mask and the masked image's latents."""
-    return 2 * vae.latent_channels + 1 if INPUTS[variant] else vae.latent_channels
+def expected_in_channels(variant: str, vae: vae_lib.VAEConfig) -> tuple[int, ...]:
+    """Latents, and for 33-channel inpainting the mask and the masked image's latents (a 16-channel transformer
+    inpaints by pasting)."""
+    return (vae.latent_channels, 2 * vae.latent_channels + 1) if INPUTS[variant] else (vae.latent_channels,)
 
 
 def build_modules(variant: str, transformer: SD3Config, vae: vae_lib.VAEConfig, clip_l: clip_text.CLIPTextConfig,
@@ -196,10 +214,10 @@ def build_modules(variant: str, transformer: SD3Config, vae: vae_lib.VAEConfig, 
         raise ValueError(f"{source}: unknown SD3 variant {variant!r}; expected one of {VARIANTS}")
     problems = []
     want = expected_in_channels(variant, vae)
-    if transformer.in_channels != want:
-        fits = [v for v in VARIANTS if expected_in_channels(v, vae) == transformer.in_channels]
-        problems.append(f"transformer in_channels={transformer.in_channels}, {variant} with this VAE needs {want}"
-                        + (f" (a transformer for {fits[0]})" if fits else ""))
+    if transformer.in_channels not in want:
+        fits = [v for v in VARIANTS if transformer.in_channels in expected_in_channels(v, vae)]
+        problems.append(f"transformer in_channels={transformer.in_channels}, {variant} with this VAE needs "
+                        f"{' or '.join(map(str, want))}" + (f" (a transformer for {fits[0]})" if fits else ""))
     if transformer.output_channels != vae.latent_channels:
         problems.append(f"transformer outputs {transformer.output_channels} channels, the VAE latents have "
                         f"{vae.latent_channels}")
@@ -294,9 +312,10 @@ def load(model_dir: str, name: str = "sd3", dtype: Any = "float32", remat: bool 
     return family, params
 
 
-def tiny_configs(variant: str):
+def tiny_configs():
     """Small configs with SD3.5-Medium's structure (QK norm, a dual-attention block, the context-pre-only last
-    block), a 2x VAE with SD3's latent factors, CLIP-L and CLIP-G narrower than the T5 (padded), 2-layer encoders."""
+    block; 16 input channels: the tiny sd3_inpaint pastes the source, as SD3 / SD3.5 checkpoints inpaint), a 2x
+    VAE with SD3's latent factors, CLIP-L and CLIP-G narrower than the T5 (padded), 2-layer encoders."""
     vae = vae_lib.VAEConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=16,
                             norm_num_groups=4, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
@@ -306,7 +325,7 @@ def tiny_configs(variant: str):
                                       eos_token_id=63, projection_dim=16)
     clip_g = dataclasses.replace(clip_l, hidden_size=16, intermediate_size=32, hidden_act="gelu")
     t5_config = t5.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
-    transformer = SD3Config(sample_size=32, patch_size=2, in_channels=expected_in_channels(variant, vae),
+    transformer = SD3Config(sample_size=32, patch_size=2, in_channels=vae.latent_channels,
                             out_channels=vae.latent_channels, num_layers=2, attention_head_dim=16,
                             num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
                             pooled_projection_dim=32, pos_embed_max_size=32, dual_attention_layers=(0,),
@@ -321,7 +340,7 @@ def hash_tokenize(prompts, inputs=None):
 
 
 def tiny_modules(name: str = "sd3", dtype: Any = "float32", remat: bool = False) -> Modules:
-    return build_modules(name, *tiny_configs(name), dtype=dtype, remat=remat, t5_length=TINY_T5_LENGTH,
+    return build_modules(name, *tiny_configs(), dtype=dtype, remat=remat, t5_length=TINY_T5_LENGTH,
                          source="tiny")
 
 
