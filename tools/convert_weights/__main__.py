@@ -15,7 +15,8 @@ SUBCOMMANDS = {
     "export-flux": "tools.convert_weights.flux_export",
     "calligrapher": "tools.convert_weights.calligrapher",
     "export-calligrapher": "tools.convert_weights.calligrapher",
-    "sd3": "tools.convert_weights.sd3",
+    "sd3": "tools.convert_weights.sd3_cli",
+    "export-sd3": "tools.convert_weights.sd3_export",
 }
 
 

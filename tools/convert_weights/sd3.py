@@ -1,13 +1,14 @@
 """SD3 / SD3.5 diffusers pipelines -> a folder of Flax params the SD3 family reads.
 
-    python -m tools.convert_weights sd3 --src SRC --dst DST [--dtype float32|bfloat16|float16] [--verify]
-        [--tolerance 1e-4]
+The conversion library behind `python -m tools.convert_weights sd3` (the command line, with single-file sources,
+is sd3_cli.py; Stability's single-file layout is read by sd3_single.py; the model check is sd3_verify.py; the
+export back to diffusers is sd3_export.py; this module imports none of them).
 
-SRC is a diffusers pipeline folder: transformer/ (SD3Transformer2DModel: SD3, SD3.5 Medium / Large), vae/
+A diffusers pipeline folder holds transformer/ (SD3Transformer2DModel: SD3, SD3.5 Medium / Large), vae/
 (AutoencoderKL with 16 latent channels; its scaling_factor and shift_factor, 1.5305 and 0.0609 for SD3, stay
 in vae/config.json), text_encoder/ (CLIP-L) and text_encoder_2/ (CLIP-G), both CLIPTextModelWithProjection,
 text_encoder_3/ (T5-XXL encoder; optional, as the SD3 pipelines allow: model_index.json lists it as null),
-tokenizer/, tokenizer_2/, tokenizer_3/ (with the T5), scheduler/. Original single files are not read.
+tokenizer/, tokenizer_2/, tokenizer_3/ (with the T5), scheduler/.
 
 Output folder:
   params/transformer.safetensors     keys 'transformer/<flax path>'; each run of equal blocks stacked on a
@@ -23,10 +24,8 @@ Output folder:
 The transformer's position table (`pos_embed.pos_embed`, a buffer diffusers saves) is not a parameter: our
 model builds it from the config, and the conversion fails unless the stored one equals it to the stored
 dtype's precision. Conversion streams one tensor at a time, as the Flux converter does (flux.py, streaming.py).
-`--verify` re-reads every source tensor and checks the written one equals it (after the dtype cast), then runs
-torch and Flax on the same seeded inputs (sd3_verify.py, with flux_verify's helpers): the transformer piece by
-piece (embedders, each block, output), both CLIPs and the VAE whole; the T5 gets the tensor check only. It fails
-when a relative error exceeds --tolerance (1e-4).
+The tensor check (`check_tensors`) re-reads every source tensor and checks the written one equals it (after the
+dtype cast); the model check (sd3_verify.py) then runs torch and Flax on the same seeded inputs.
 """
 import json
 import os
@@ -40,7 +39,7 @@ from jax_inpaint_rl.models.sd3.transformer import SD3Config, axis_embedding, blo
 from tools.convert_weights import common, flux
 from tools.convert_weights.common import Rule, conv_to_flax, identity, linear_to_flax
 from tools.convert_weights.flux import Component, linear, norm_scale
-from tools.convert_weights.streaming import TensorFileWriter, read_rows
+from tools.convert_weights.streaming import TensorFileWriter, read_header, read_rows
 
 FAMILY = "sd3"
 POSITION_TABLE = "pos_embed.pos_embed"  # diffusers' persistent buffer; rebuilt from the config, never converted
@@ -109,21 +108,29 @@ def parameter_tensors(component: Component):
     return ((k, v) for k, v in component.tensors() if k != POSITION_TABLE)
 
 
+def stored_position_table(component: Component) -> tuple[str, str]:
+    """(file, key) of the stored table: the source key the component's renaming turns into POSITION_TABLE
+    (diffusers' own name in a diffusers folder, `pos_embed` in Stability's layout)."""
+    for path in component.files:
+        header, _ = read_header(path)
+        for key, entry in header.items():
+            placeholder = np.broadcast_to(np.int8(0), tuple(entry["shape"]))  # renaming needs shapes only
+            if any(name == POSITION_TABLE for name, _ in component.rename(iter([(key, placeholder)]))):
+                return path, key
+    raise common.ConversionError(f"{component.source}: {POSITION_TABLE} missing (diffusers saves the position "
+                                 "table of an SD3Transformer2DModel with pos_embed_max_size)")
+
+
 def check_position_table(component: Component, config: SD3Config) -> None:
     """The stored position table must be the one our model builds, to the stored dtype's precision (a checkpoint
     whose table came from other settings would otherwise convert and run with the wrong positions)."""
-    for path in component.files:
-        read, header = read_rows(path)
-        if POSITION_TABLE in header:
-            break
-    else:
-        raise common.ConversionError(f"{component.source}: {POSITION_TABLE} missing (diffusers saves the position "
-                                     "table of an SD3Transformer2DModel with pos_embed_max_size)")
-    size, dim, shape = config.pos_embed_max_size, config.inner_dim, tuple(header[POSITION_TABLE]["shape"])
+    path, key = stored_position_table(component)
+    read, header = read_rows(path)
+    size, dim, shape = config.pos_embed_max_size, config.inner_dim, tuple(header[key]["shape"])
     if shape != (1, size * size, dim):
-        raise common.ConversionError(f"{path}: {POSITION_TABLE} has shape {shape}, expected {(1, size * size, dim)} "
+        raise common.ConversionError(f"{path}: {key} has shape {shape}, expected {(1, size * size, dim)} "
                                      f"(pos_embed_max_size {size}, inner dim {dim})")
-    stored = read(POSITION_TABLE, None).reshape(size, size, dim)
+    stored = read(key, None).reshape(size, size, dim)
     tolerance = 1e-6 if stored.dtype == np.float32 else float(ml_dtypes.finfo(stored.dtype).eps)
     along, half, error = axis_embedding(config), dim // 2, 0.0
     for r, row in enumerate(stored):  # a grid row at a time: the float32 copy of a whole table can reach 1 GB
@@ -131,7 +138,7 @@ def check_position_table(component: Component, config: SD3Config) -> None:
         error = max(error, float(np.abs(row[:, :half] - along).max()), float(np.abs(row[:, half:] - along[r]).max()))
     if error > tolerance:
         raise common.ConversionError(
-            f"{path}: {POSITION_TABLE} differs from the sin-cos table built from the config (sample_size "
+            f"{path}: {key} differs from the sin-cos table built from the config (sample_size "
             f"{config.sample_size}, patch_size {config.patch_size}, pos_embed_max_size {size}): max |diff| "
             f"{error:.2e} > {tolerance:.0e}")
 
@@ -180,22 +187,48 @@ def verify_transformer(component: Component, dst: str) -> int:
 
 # --- the text encoders -----------------------------------------------------------------------------
 
-def clip_component(src: str) -> Component:
-    """A transformers CLIPTextModelWithProjection folder (SD3 uses the projected pooled output)."""
+def clip_rules_and_shapes(config: dict, source: str) -> tuple[list[Rule], dict[str, tuple[int, ...]]]:
+    """Key table and Flax shapes of a CLIPTextModelWithProjection config (SD3 uses the projected pooled output)."""
     import jax
 
     from jax_inpaint_rl.models.layers import clip_text
     from tools.convert_weights.components import clip_text_rules
 
-    config = read_json(os.path.join(src, "config.json"))
-    clip_config = clip_text.CLIPTextConfig.from_transformers(config, src)
+    clip_config = clip_text.CLIPTextConfig.from_transformers(config, source)
     if clip_config.projection_dim is None:
-        raise ValueError(f"{src}: architectures {config.get('architectures')}; SD3 needs a "
+        raise ValueError(f"{source}: architectures {config.get('architectures')}; SD3 needs a "
                          f"{clip_text.WITH_PROJECTION} (its text_projection gives the pooled prompt embedding)")
     model = clip_text.CLIPTextTransformer(clip_config)
     shapes = flux.shapes_of(jax.eval_shape(lambda: clip_text.init_params(model, jax.random.key(0))))
+    return clip_text_rules() + PROJECTION_RULES, shapes
+
+
+def clip_component(src: str) -> Component:
+    """A transformers CLIPTextModelWithProjection folder."""
+    config = read_json(os.path.join(src, "config.json"))
+    rules, shapes = clip_rules_and_shapes(config, src)
     files = tuple(flux.safetensors_files(src, "CLIP text encoder"))
-    return Component(src, config, files, clip_text_rules() + PROJECTION_RULES, shapes, rename=flux.without_ignored)
+    return Component(src, config, files, rules, shapes, rename=flux.without_ignored)
+
+
+def vae_shapes(config: dict, source: str):
+    """Flax parameter shapes (a tree of ShapeDtypeStructs) of an AutoencoderKL config."""
+    import jax
+
+    from jax_inpaint_rl.models.layers import vae as vae_lib
+
+    model = vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_diffusers(config, source))
+    return jax.eval_shape(lambda: vae_lib.init_params(model, jax.random.key(0)))
+
+
+def folder_component(src: str, name: str) -> Component:
+    """Component `name` (transformer, vae, text_encoder, text_encoder_2, text_encoder_3) of a pipeline folder."""
+    folder = os.path.join(src, name)
+    if name == "transformer":
+        return transformer_component(folder)
+    if name == "vae":
+        return flux.vae_component(folder)
+    return flux.t5_component(folder) if name == "text_encoder_3" else clip_component(folder)
 
 
 # --- the whole pipeline folder ---------------------------------------------------------------------
@@ -205,15 +238,10 @@ def pipeline_components(src: str) -> dict[str, Component]:
     index_path = os.path.join(src, "model_index.json")
     if not os.path.isfile(index_path):
         raise FileNotFoundError(f"{src}: not a diffusers pipeline folder (no model_index.json)")
-    components = {
-        "transformer": transformer_component(os.path.join(src, "transformer")),
-        "vae": flux.vae_component(os.path.join(src, "vae")),
-        "text_encoder": clip_component(os.path.join(src, "text_encoder")),
-        "text_encoder_2": clip_component(os.path.join(src, "text_encoder_2")),
-    }
+    names = ["transformer", "vae", "text_encoder", "text_encoder_2"]
     if (read_json(index_path).get("text_encoder_3") or [None])[0] is not None:
-        components["text_encoder_3"] = flux.t5_component(os.path.join(src, "text_encoder_3"))
-    return components
+        names.append("text_encoder_3")
+    return {name: folder_component(src, name) for name in names}
 
 
 def write_json(path: str, data) -> None:
@@ -228,6 +256,14 @@ def convert_pipeline(src: str, dst: str, dtype: str = "float32", check_tensors: 
     `check_tensors`: after writing each component, the tensor check. Returns the converted components, which
     the model check (`sd3_verify.check_models`) takes."""
     components = pipeline_components(src)
+    convert_components(components, dst, dtype, check_tensors)
+    finish_folder(src, dst, dtype, "text_encoder_3" in components, {"source": os.path.abspath(src)})
+    return components
+
+
+def convert_components(components: dict[str, Component], dst: str, dtype: str = "float32",
+                       check_tensors: bool = False) -> None:
+    """Write each component (output subfolder -> Component) into dst; `check_tensors`: then its tensor check."""
     for name, component in components.items():
         transformer = name == "transformer"  # the only component whose stacks are runs of blocks
         if transformer:
@@ -237,32 +273,13 @@ def convert_pipeline(src: str, dst: str, dtype: str = "float32", check_tensors: 
         if check_tensors:
             count = verify_transformer(component, dst) if transformer else flux.verify_component(component, dst, name)
             print(f"verified {name}: {count} tensors equal their source")
-    copied = ("tokenizer", "tokenizer_2", "scheduler") + (("tokenizer_3",) if "text_encoder_3" in components else ())
-    for folder in copied:
+
+
+def finish_folder(src: str, dst: str, dtype: str, t5: bool, marker: dict) -> None:
+    """Copy the tokenizers (tokenizer_3 with a T5) and the scheduler from the pipeline folder `src`; write
+    sd3.json ({"family", "dtype"} and `marker`)."""
+    for folder in ("tokenizer", "tokenizer_2", "scheduler") + (("tokenizer_3",) if t5 else ()):
         if not os.path.isdir(os.path.join(src, folder)):
             raise FileNotFoundError(f"{src}: pipeline folder has no {folder}/")
         shutil.copytree(os.path.join(src, folder), os.path.join(dst, folder), dirs_exist_ok=True)
-    write_json(os.path.join(dst, f"{FAMILY}.json"), {"family": FAMILY, "dtype": dtype, "source": os.path.abspath(src)})
-    return components
-
-
-# --- command line ----------------------------------------------------------------------------------
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--src", required=True, help="diffusers SD3 / SD3.5 pipeline folder")
-    parser.add_argument("--dst", required=True, help="output folder")
-    parser.add_argument("--dtype", default="float32", choices=sorted(flux.OUTPUT_DTYPES), help="stored parameter dtype")
-    parser.add_argument("--verify", action="store_true", help="re-read every source tensor and check the written "
-                        "one equals it, then run torch and Flax on the same inputs (the transformer block by block) "
-                        "and fail above --tolerance")
-    parser.add_argument("--tolerance", type=float, default=flux.VERIFY_TOLERANCE, help="--verify fails when max "
-                        "|diff| / max |torch output| of any output exceeds this (float32 compute)")
-
-
-def run(args) -> None:
-    components = convert_pipeline(args.src, args.dst, args.dtype, check_tensors=args.verify)
-    if args.verify:
-        from tools.convert_weights import sd3_verify  # torch, diffusers, transformers: only when checking
-
-        sd3_verify.check_models(components, args.dst, args.tolerance)
-    print(f"wrote {args.dst}")
+    write_json(os.path.join(dst, f"{FAMILY}.json"), {"family": FAMILY, "dtype": dtype, **marker})

@@ -4,10 +4,17 @@
 flux_verify, whose helpers it reuses, and never sd3.py). The transformer runs as flux_verify runs Flux's: the
 input embedders, each block and the output, every piece fed the torch reference's activations so errors do not
 compound and the worst block is the wrong one; a block's torch weights are read from the source files only when
-it runs. The CLIP text towers (with projection) and the VAE run whole. The T5 encoder gets the tensor check
-only: flux_verify's T5 check reads the component it converts for Flux (text_encoder_2), not SD3's text_encoder_3.
+it runs. The CLIP text towers (with projection) and the VAE run whole; when they come from a section of a single
+file (sd3_single.py), their torch reference is that section, renamed as the converter renames it, written to a
+temporary diffusers / transformers folder. The T5 encoder gets the tensor check only: flux_verify's T5 check
+reads the component it converts for Flux (text_encoder_2), not SD3's text_encoder_3.
 Reports, tolerance, and the rounding of the torch weights to a narrower stored dtype are flux_verify's.
 """
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
 import time
 
 import flax.linen as nn
@@ -114,14 +121,37 @@ def check_transformer(component: Component, dst: str) -> list[Result]:
     return results + [Result("transformer", "norm_out + proj_out", "norm_out + proj_out", *check.output())]
 
 
+@contextlib.contextmanager
+def as_folder(component: Component, weights: str):
+    """The component itself when its source is a model folder; else (a single file's section) the component
+    with its tensors, in torch names, and config written to a temporary folder (`weights`: the file name
+    from_pretrained reads)."""
+    if os.path.isdir(component.source):
+        yield component
+        return
+    from safetensors.numpy import save_file
+
+    with tempfile.TemporaryDirectory(prefix="sd3_verify_") as folder:
+        save_file({k: np.ascontiguousarray(v) for k, v in component.tensors()}, os.path.join(folder, weights))
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(dict(component.config), f)
+        yield dataclasses.replace(component, source=folder)
+
+
+def check_vae(component: Component, dst: str) -> list[Result]:
+    with as_folder(component, "diffusion_pytorch_model.safetensors") as folder:
+        return fv.check_vae(folder, dst)
+
+
 def check_clip(component: Component, dst: str, name: str) -> list[Result]:
     """A CLIP text tower with projection over a full-length random prompt ending in EOS: the last and the
     penultimate hidden states (SD3's prompt embedding) and text_embeds (its pooled one)."""
     from transformers import CLIPTextModelWithProjection
 
     ours = fv.ConvertedParams(dst, name)
-    reference = fv.round_parameters(CLIPTextModelWithProjection.from_pretrained(component.source).float().eval(),
-                                    ours.dtype)
+    with as_folder(component, "model.safetensors") as folder:
+        reference = fv.round_parameters(CLIPTextModelWithProjection.from_pretrained(folder.source).float().eval(),
+                                        ours.dtype)
     config = clip_text.CLIPTextConfig.from_transformers(component.config, component.source)
     ids = np.random.default_rng(fv.SEED).integers(0, config.vocab_size - 1, (1, config.max_position_embeddings))
     ids[:, -1] = config.vocab_size - 1 if config.eos_token_id == 2 else config.eos_token_id
@@ -134,7 +164,7 @@ def check_clip(component: Component, dst: str, name: str) -> list[Result]:
     return [Result(name, label, label, *errors(got[key], ref.numpy())) for label, key, ref in pairs]
 
 
-CHECKS = {"transformer": check_transformer, "vae": fv.check_vae,
+CHECKS = {"transformer": check_transformer, "vae": check_vae,
           "text_encoder": lambda component, dst: check_clip(component, dst, "text_encoder"),
           "text_encoder_2": lambda component, dst: check_clip(component, dst, "text_encoder_2")}
 

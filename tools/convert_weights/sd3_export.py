@@ -1,0 +1,140 @@
+"""A converted SD3 folder or a training run's export -> a diffusers transformer folder (SD3Transformer2DModel).
+
+    python -m tools.convert_weights export-sd3 --src SRC --dst DST [--use-ema] [--dtype float32|bfloat16|float16]
+
+SRC is either
+  - a folder written by `sd3` (params/transformer.safetensors, transformer/config.json; from a diffusers folder
+    or from a single file, whose inferred config it keeps), or
+  - a training run's <output_dir>/export: orbax trees denoiser/ (and denoiser_ema/ with --use-ema) plus the run's
+    config.json, whose model.path names the converted folder the run started from (its transformer/config.json
+    describes the architecture).
+DST gets config.json and diffusion_pytorch_model.safetensors, a diffusers transformer/ folder:
+`SD3Transformer2DModel.from_pretrained(DST)` loads it. Each run of stacked blocks is written back block by block
+under diffusers' names; the position table (pos_embed.pos_embed, a buffer diffusers saves) is rebuilt from the
+config, equal to diffusers' own. The dtype is the stored one unless --dtype is given; float32 round trips are exact.
+
+Memory: a converted file is streamed one block of one tensor at a time; an orbax tree is read one leaf (all
+blocks of one run of one parameter) at a time.
+"""
+import os
+from typing import Callable, Mapping
+
+import numpy as np
+
+from jax_inpaint_rl.models.params_io import read_json
+from jax_inpaint_rl.models.sd3.transformer import SD3Config, param_shapes, position_embedding
+from tools.convert_weights import common, flux, flux_export, sd3
+from tools.convert_weights.common import Rule
+from tools.convert_weights.streaming import DTYPES, TensorFileWriter, read_rows
+
+SD3_FAMILIES = ("sd3", "sd3_inpaint")
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def run_config(src: str) -> tuple[str, dict]:
+    """(converted folder the run started from, its transformer config) from an export's config.json."""
+    path = os.path.join(src, flux_export.EXPORT_CONFIG)
+    model = read_json(path).get("model", {})
+    if model.get("family") not in SD3_FAMILIES:
+        raise ValueError(f"{path}: model.family={model.get('family')!r}; export-sd3 needs one of {SD3_FAMILIES}")
+    if model.get("tiny"):
+        raise ValueError(f"{path}: model.tiny is set: the run trained a tiny random model, which has no diffusers "
+                         "counterpart")
+    folder = model.get("path") or ""
+    if not flux_export.is_converted_folder(folder):
+        raise FileNotFoundError(f"{path}: model.path={folder!r} is not a converted SD3 folder (no "
+                                "params/transformer.safetensors); the export needs it for transformer/config.json")
+    return folder, read_json(os.path.join(folder, "transformer", "config.json"))
+
+
+def diffusers_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
+    """torch state-dict key -> shape of diffusers' SD3Transformer2DModel (the position table included), built on
+    the meta device."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        model = SD3Transformer2DModel.from_config(dict(config))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def write_diffusers_transformer(config: Mapping, leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                                read: Callable[[str, int | None], np.ndarray], dst: str, dtype: str | None,
+                                source: str) -> None:
+    """Flax SD3 transformer params -> dst/config.json + dst/diffusion_pytorch_model.safetensors (diffusers' names).
+
+    `leaves` is {flax path: (shape, dtype)} of the stored (stacked) params and `read(path, row)` one row (one
+    block) of one of them (row None: the whole array). Names and shapes are checked against the config before
+    anything is written. `dtype` None keeps the stored dtype (float32 when the leaves mix dtypes)."""
+    if dtype is not None and dtype not in flux.OUTPUT_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(flux.OUTPUT_DTYPES)}")
+    c = SD3Config.from_diffusers(config, source)
+    torch_shapes = diffusers_shapes(config)
+    mapping, unknown = common.map_keys(sd3.TRANSFORMER_RULES, [k for k in torch_shapes if k != sd3.POSITION_TABLE])
+    if unknown:
+        raise common.ConversionError(f"export: diffusers keys without a rule: {unknown}")
+    flux._check_leaves(source, leaves, flux.shapes_of(param_shapes(c)))
+    slots = sd3.block_slots(c)
+    by_leaf: dict[str, list[tuple[int | None, str, Rule]]] = {}
+    for torch_key, (flax_path, rule) in mapping.items():
+        key, row = sd3.block_slot(flax_path, slots)
+        by_leaf.setdefault(key, []).append((row, torch_key, rule))
+    stored = {np.dtype(d) for _, d in leaves.values()}
+    out_dtype = flux.OUTPUT_DTYPES[dtype] if dtype else (stored.pop() if len(stored) == 1 else np.float32)
+    writer = TensorFileWriter(os.path.join(dst, WEIGHTS), torch_shapes, out_dtype, {"format": "pt"})
+    try:
+        for key in sorted(by_leaf):  # one leaf at a time: an orbax reader holds one
+            for row, torch_key, rule in by_leaf[key]:
+                writer.write(torch_key, common.INVERSE[rule.transform](read(key, row)))
+        size = c.pos_embed_max_size
+        writer.write(sd3.POSITION_TABLE, position_embedding(c, size, size)[None])
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    sd3.write_json(os.path.join(dst, "config.json"), config)
+
+
+def export_transformer(folder: str, dst: str, dtype: str | None = None) -> None:
+    """The transformer of a converted folder -> a diffusers transformer folder, streamed one block at a time."""
+    path = flux.params_file(folder, "transformer")
+    read, header = read_rows(path)
+    prefix = "transformer/"
+    foreign = sorted(k for k in header if not k.startswith(prefix))
+    if foreign:
+        raise common.ConversionError(f"{path}: keys outside '{prefix}': {foreign}")
+    leaves = {k.removeprefix(prefix): (tuple(v["shape"]), np.dtype(DTYPES[v["dtype"]])) for k, v in header.items()}
+    config = read_json(os.path.join(folder, "transformer", "config.json"))
+    write_diffusers_transformer(config, leaves, lambda key, row: read(prefix + key, row), dst, dtype, path)
+
+
+def export(src: str, dst: str, use_ema: bool = False, dtype: str | None = None) -> None:
+    """Write the transformer of `src` (converted folder or training export) as a diffusers folder at `dst`."""
+    if flux_export.is_converted_folder(src):
+        if use_ema:
+            raise ValueError(f"{src}: --use-ema needs a training export (denoiser_ema/); a converted folder holds "
+                             "the base weights only")
+        export_transformer(src, dst, dtype)
+    elif flux_export.is_training_export(src):
+        _, config = run_config(src)
+        tree_path = os.path.join(os.path.abspath(src), "denoiser_ema" if use_ema else "denoiser")
+        if not os.path.isdir(tree_path):
+            raise FileNotFoundError(f"{tree_path}: missing (the run had ema.enabled=False); export without --use-ema")
+        leaves, read = flux_export.orbax_leaves(tree_path)
+        write_diffusers_transformer(config, leaves, read, dst, dtype, tree_path)
+    else:
+        raise FileNotFoundError(f"{src}: neither a converted SD3 folder (params/transformer.safetensors) nor a "
+                                f"training export ({flux_export.EXPORT_CONFIG} + denoiser/)")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--src", required=True, help="converted SD3 folder, or a training run's export/ folder")
+    parser.add_argument("--dst", required=True, help="output diffusers transformer folder")
+    parser.add_argument("--use-ema", action="store_true", help="export the EMA weights (denoiser_ema/)")
+    parser.add_argument("--dtype", default=None, choices=sorted(flux.OUTPUT_DTYPES),
+                        help="output dtype (default: the stored one)")
+
+
+def run(args) -> None:
+    export(args.src, args.dst, args.use_ema, args.dtype)
+    print(f"wrote {args.dst}" + (" (EMA weights)" if args.use_ema else ""))
