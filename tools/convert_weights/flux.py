@@ -350,19 +350,26 @@ def convert_component(component: Component, dst: str, name: str, dtype: str = "f
 
 def verify_component(component: Component, dst: str, name: str) -> int:
     """Re-read the source one tensor at a time; each must equal its written slot exactly (after the dtype cast)."""
+    return verify_written(component.source, component.tensors(), component.rules,
+                          per_layer_shapes(component.shapes, component.stacks),
+                          lambda path: split_layer(path, component.stacks), dst, name)
+
+
+def verify_written(source: str, tensors, rules, shapes: Mapping[str, tuple[int, ...]],
+                   slot: Callable[[str], tuple[str, int | None]], dst: str, name: str) -> int:
+    """Every converted source tensor (per-layer `shapes`) against its written row: `slot(path)` -> (stacked key,
+    row or None); the number of tensors checked, or an error naming every one that differs."""
     out_path = params_file(dst, name)
     read, _ = read_rows(out_path)
     mismatched, count = [], 0
-    for path, expected in common.convert(component.source, component.tensors(), component.rules,
-                                         per_layer_shapes(component.shapes, component.stacks)):
-        key, index = split_layer(path, component.stacks)
+    for path, expected in common.convert(source, tensors, rules, shapes):
+        key, index = slot(path)
         stored = read(f"{name}/{key}", index)
         if not np.array_equal(np.asarray(expected).astype(stored.dtype), stored):
             mismatched.append(path)
         count += 1
     if mismatched:
-        raise common.ConversionError(f"{out_path}: {len(mismatched)} tensors differ from {component.source}: "
-                                     f"{mismatched}")
+        raise common.ConversionError(f"{out_path}: {len(mismatched)} tensors differ from {source}: {mismatched}")
     return count
 
 
@@ -378,9 +385,11 @@ def diffusers_transformer_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def export_transformer(folder: str, dst: str, dtype: str | None = None) -> None:
+def export_transformer(folder: str, dst: str, dtype: str | None = None, write=None) -> None:
     """The transformer of a converted folder -> a diffusers transformer folder (config.json +
-    diffusion_pytorch_model.safetensors), streamed one tensor at a time."""
+    diffusion_pytorch_model.safetensors), streamed one tensor at a time by `write` (a family's
+    write_diffusers_transformer; Flux's by default)."""
+    write = write or write_diffusers_transformer
     path = params_file(folder, "transformer")
     read, header = read_rows(path)
     prefix = "transformer/"
@@ -389,7 +398,7 @@ def export_transformer(folder: str, dst: str, dtype: str | None = None) -> None:
         raise common.ConversionError(f"{path}: keys outside '{prefix}': {foreign}")
     leaves = {k.removeprefix(prefix): (tuple(v["shape"]), np.dtype(DTYPES[v["dtype"]])) for k, v in header.items()}
     config = read_json(os.path.join(folder, "transformer", "config.json"))
-    write_diffusers_transformer(config, leaves, lambda key, index: read(prefix + key, index), dst, dtype, path)
+    write(config, leaves, lambda key, index: read(prefix + key, index), dst, dtype, path)
 
 
 def write_diffusers_transformer(config: Mapping, leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]],

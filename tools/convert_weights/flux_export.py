@@ -14,6 +14,7 @@ Memory: a converted file is streamed one layer of one tensor at a time; an orbax
 layers of one stacked parameter) at a time, so the peak is the largest leaf: the single blocks' proj_out,
 38 x 15360 x 3072, 7.2 GB in float32 (3.6 GB in bfloat16) for Flux.1.
 """
+import dataclasses
 import os
 from typing import Callable
 
@@ -34,18 +35,31 @@ def is_training_export(src: str) -> bool:
     return os.path.isfile(os.path.join(src, EXPORT_CONFIG)) and os.path.isdir(os.path.join(src, "denoiser"))
 
 
-def run_config(src: str) -> tuple[str, dict]:
+@dataclasses.dataclass(frozen=True)
+class Exporter:
+    """What differs between the families' transformer exports: their name, families and diffusers writer."""
+    what: str  # in messages: "Flux", "SD3"
+    command: str  # the CLI subcommand
+    families: tuple[str, ...]  # model.family values of the training exports it takes
+    write: Callable  # (config, leaves, read, dst, dtype, source): the family's write_diffusers_transformer
+
+
+FLUX = Exporter("Flux", "export-flux", FLUX_FAMILIES, flux.write_diffusers_transformer)
+
+
+def run_config(src: str, exporter: Exporter = FLUX) -> tuple[str, dict]:
     """(converted folder the run started from, its transformer config) from an export's config.json."""
     path = os.path.join(src, EXPORT_CONFIG)
     model = read_json(path).get("model", {})
-    if model.get("family") not in FLUX_FAMILIES:
-        raise ValueError(f"{path}: model.family={model.get('family')!r}; export-flux needs one of {FLUX_FAMILIES}")
+    if model.get("family") not in exporter.families:
+        raise ValueError(f"{path}: model.family={model.get('family')!r}; {exporter.command} needs one of "
+                         f"{exporter.families}")
     if model.get("tiny"):
         raise ValueError(f"{path}: model.tiny is set: the run trained a tiny random model, which has no diffusers "
                          "counterpart")
     folder = model.get("path") or ""
     if not is_converted_folder(folder):
-        raise FileNotFoundError(f"{path}: model.path={folder!r} is not a converted Flux folder (no "
+        raise FileNotFoundError(f"{path}: model.path={folder!r} is not a converted {exporter.what} folder (no "
                                 "params/transformer.safetensors); the export needs it for transformer/config.json")
     return folder, read_json(os.path.join(folder, "transformer", "config.json"))
 
@@ -73,33 +87,33 @@ def orbax_leaves(tree_path: str) -> tuple[dict, Callable[[str, int | None], np.n
     return leaves, read
 
 
-def export(src: str, dst: str, use_ema: bool = False, dtype: str | None = None) -> None:
+def export(src: str, dst: str, use_ema: bool = False, dtype: str | None = None, exporter: Exporter = FLUX) -> None:
     """Write the transformer of `src` (converted folder or training export) as a diffusers folder at `dst`."""
     if is_converted_folder(src):
         if use_ema:
             raise ValueError(f"{src}: --use-ema needs a training export (denoiser_ema/); a converted folder holds "
                              "the base weights only")
-        flux.export_transformer(src, dst, dtype)
+        flux.export_transformer(src, dst, dtype, exporter.write)
     elif is_training_export(src):
-        _, config = run_config(src)
+        _, config = run_config(src, exporter)
         tree_path = os.path.join(os.path.abspath(src), "denoiser_ema" if use_ema else "denoiser")
         if not os.path.isdir(tree_path):
             raise FileNotFoundError(f"{tree_path}: missing (the run had ema.enabled=False); export without --use-ema")
         leaves, read = orbax_leaves(tree_path)
-        flux.write_diffusers_transformer(config, leaves, read, dst, dtype, tree_path)
+        exporter.write(config, leaves, read, dst, dtype, tree_path)
     else:
-        raise FileNotFoundError(f"{src}: neither a converted Flux folder (params/transformer.safetensors) nor a "
-                                f"training export ({EXPORT_CONFIG} + denoiser/)")
+        raise FileNotFoundError(f"{src}: neither a converted {exporter.what} folder (params/transformer.safetensors) "
+                                f"nor a training export ({EXPORT_CONFIG} + denoiser/)")
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--src", required=True, help="converted Flux folder, or a training run's export/ folder")
+def add_arguments(parser, what: str = "Flux") -> None:
+    parser.add_argument("--src", required=True, help=f"converted {what} folder, or a training run's export/ folder")
     parser.add_argument("--dst", required=True, help="output diffusers transformer folder")
     parser.add_argument("--use-ema", action="store_true", help="export the EMA weights (denoiser_ema/)")
     parser.add_argument("--dtype", default=None, choices=sorted(flux.OUTPUT_DTYPES),
                         help="output dtype (default: the stored one)")
 
 
-def run(args) -> None:
-    export(args.src, args.dst, args.use_ema, args.dtype)
+def run(args, exporter: Exporter = FLUX) -> None:
+    export(args.src, args.dst, args.use_ema, args.dtype, exporter)
     print(f"wrote {args.dst}" + (" (EMA weights)" if args.use_ema else ""))

@@ -169,20 +169,10 @@ def convert_transformer(component: Component, dst: str, dtype: str = "float32") 
 def verify_transformer(component: Component, dst: str) -> int:
     """Re-read the source one tensor at a time; each must equal its written row exactly (after the dtype cast)."""
     config = SD3Config.from_diffusers(component.config, component.source)
-    out_path = flux.params_file(dst, "transformer")
-    read, _ = read_rows(out_path)
-    slots, mismatched, count = block_slots(config), [], 0
-    for path, expected in common.convert(component.source, parameter_tensors(component), component.rules,
-                                         per_block_shapes(component.shapes, config)):
-        key, row = block_slot(path, slots)
-        stored = read(f"transformer/{key}", row)
-        if not np.array_equal(np.asarray(expected).astype(stored.dtype), stored):
-            mismatched.append(path)
-        count += 1
-    if mismatched:
-        raise common.ConversionError(f"{out_path}: {len(mismatched)} tensors differ from {component.source}: "
-                                     f"{mismatched}")
-    return count
+    slots = block_slots(config)
+    return flux.verify_written(component.source, parameter_tensors(component), component.rules,
+                               per_block_shapes(component.shapes, config), lambda path: block_slot(path, slots),
+                               dst, "transformer")
 
 
 # --- the text encoders -----------------------------------------------------------------------------

@@ -21,30 +21,13 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from jax_inpaint_rl.models.params_io import read_json
 from jax_inpaint_rl.models.sd3.transformer import SD3Config, param_shapes, position_embedding
 from tools.convert_weights import common, flux, flux_export, sd3
 from tools.convert_weights.common import Rule
-from tools.convert_weights.streaming import DTYPES, TensorFileWriter, read_rows
+from tools.convert_weights.streaming import TensorFileWriter
 
 SD3_FAMILIES = ("sd3", "sd3_inpaint")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def run_config(src: str) -> tuple[str, dict]:
-    """(converted folder the run started from, its transformer config) from an export's config.json."""
-    path = os.path.join(src, flux_export.EXPORT_CONFIG)
-    model = read_json(path).get("model", {})
-    if model.get("family") not in SD3_FAMILIES:
-        raise ValueError(f"{path}: model.family={model.get('family')!r}; export-sd3 needs one of {SD3_FAMILIES}")
-    if model.get("tiny"):
-        raise ValueError(f"{path}: model.tiny is set: the run trained a tiny random model, which has no diffusers "
-                         "counterpart")
-    folder = model.get("path") or ""
-    if not flux_export.is_converted_folder(folder):
-        raise FileNotFoundError(f"{path}: model.path={folder!r} is not a converted SD3 folder (no "
-                                "params/transformer.safetensors); the export needs it for transformer/config.json")
-    return folder, read_json(os.path.join(folder, "transformer", "config.json"))
 
 
 def diffusers_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
@@ -95,46 +78,12 @@ def write_diffusers_transformer(config: Mapping, leaves: Mapping[str, tuple[tupl
     sd3.write_json(os.path.join(dst, "config.json"), config)
 
 
-def export_transformer(folder: str, dst: str, dtype: str | None = None) -> None:
-    """The transformer of a converted folder -> a diffusers transformer folder, streamed one block at a time."""
-    path = flux.params_file(folder, "transformer")
-    read, header = read_rows(path)
-    prefix = "transformer/"
-    foreign = sorted(k for k in header if not k.startswith(prefix))
-    if foreign:
-        raise common.ConversionError(f"{path}: keys outside '{prefix}': {foreign}")
-    leaves = {k.removeprefix(prefix): (tuple(v["shape"]), np.dtype(DTYPES[v["dtype"]])) for k, v in header.items()}
-    config = read_json(os.path.join(folder, "transformer", "config.json"))
-    write_diffusers_transformer(config, leaves, lambda key, row: read(prefix + key, row), dst, dtype, path)
-
-
-def export(src: str, dst: str, use_ema: bool = False, dtype: str | None = None) -> None:
-    """Write the transformer of `src` (converted folder or training export) as a diffusers folder at `dst`."""
-    if flux_export.is_converted_folder(src):
-        if use_ema:
-            raise ValueError(f"{src}: --use-ema needs a training export (denoiser_ema/); a converted folder holds "
-                             "the base weights only")
-        export_transformer(src, dst, dtype)
-    elif flux_export.is_training_export(src):
-        _, config = run_config(src)
-        tree_path = os.path.join(os.path.abspath(src), "denoiser_ema" if use_ema else "denoiser")
-        if not os.path.isdir(tree_path):
-            raise FileNotFoundError(f"{tree_path}: missing (the run had ema.enabled=False); export without --use-ema")
-        leaves, read = flux_export.orbax_leaves(tree_path)
-        write_diffusers_transformer(config, leaves, read, dst, dtype, tree_path)
-    else:
-        raise FileNotFoundError(f"{src}: neither a converted SD3 folder (params/transformer.safetensors) nor a "
-                                f"training export ({flux_export.EXPORT_CONFIG} + denoiser/)")
+SD3 = flux_export.Exporter("SD3", "export-sd3", SD3_FAMILIES, write_diffusers_transformer)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--src", required=True, help="converted SD3 folder, or a training run's export/ folder")
-    parser.add_argument("--dst", required=True, help="output diffusers transformer folder")
-    parser.add_argument("--use-ema", action="store_true", help="export the EMA weights (denoiser_ema/)")
-    parser.add_argument("--dtype", default=None, choices=sorted(flux.OUTPUT_DTYPES),
-                        help="output dtype (default: the stored one)")
+    flux_export.add_arguments(parser, SD3.what)
 
 
 def run(args) -> None:
-    export(args.src, args.dst, args.use_ema, args.dtype)
-    print(f"wrote {args.dst}" + (" (EMA weights)" if args.use_ema else ""))
+    flux_export.run(args, SD3)
