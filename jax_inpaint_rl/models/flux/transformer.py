@@ -282,7 +282,7 @@ class SingleBlock(nn.Module):
         return x + gate[:, None] * out, None
 
 
-def _stack(block_cls, length: int, remat: bool, broadcast: int = 3):
+def stack_blocks(block_cls, length: int, remat: bool, broadcast: int = 3):
     """`length` copies of a block as one scanned module (params on a leading layer axis); the `broadcast`
     inputs after the carry (temb, RoPE tables, extras) are the same for every layer."""
     if remat:
@@ -310,10 +310,10 @@ class FluxTransformer(nn.Module):
         cos, sin = rope_tables(jnp.concatenate([txt_ids, img_ids], axis=0), c.axes_dims_rope)
 
         broadcast = 3 + len(extra)
-        double = _stack(DoubleBlock, c.num_layers, self.remat, broadcast)(c, self.dtype, self.double_attention,
+        double = stack_blocks(DoubleBlock, c.num_layers, self.remat, broadcast)(c, self.dtype, self.double_attention,
                                                                           name="double_blocks")
         (txt, img), _ = double((txt, img), temb, cos, sin, *extra)
-        single = _stack(SingleBlock, c.num_single_layers, self.remat, broadcast)(
+        single = stack_blocks(SingleBlock, c.num_single_layers, self.remat, broadcast)(
             c, self.dtype, self.single_attention, name="single_blocks")
         joint, _ = single(jnp.concatenate([txt, img], axis=1), temb, cos, sin, *extra)
         img = joint[:, txt.shape[1]:]

@@ -138,7 +138,8 @@ def encode_latents(modules: Modules, vae_params, image):
 
 def pastes_source(modules: Modules) -> bool:
     """sd3_inpaint with a plain 16-channel transformer: the source is pasted outside the mask (docstring)."""
-    return bool(INPUTS[modules.variant]) and modules.transformer.config.in_channels == modules.vae.config.latent_channels
+    channels = modules.transformer.config.in_channels
+    return bool(INPUTS[modules.variant]) and channels == modules.vae.config.latent_channels
 
 
 def prepare_condition(modules: Modules, params, inputs):

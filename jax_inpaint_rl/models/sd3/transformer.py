@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_inpaint_rl.models.flux.transformer import (FeedForward, MLPEmbedder, Modulation, RMSNorm, attention,
-                                                    layer_norm, modulate, timestep_embedding)
+                                                    layer_norm, modulate, stack_blocks, timestep_embedding)
 
 QK_NORMS = (None, "rms_norm")
 POSITION_THETA = 10000.0
@@ -255,13 +255,6 @@ class JointBlock(nn.Module):
         return (img, txt), None
 
 
-def _stack(length: int, remat: bool):
-    """`length` JointBlocks as one scanned module (params on a leading axis); temb is the same for every one."""
-    block = nn.remat(JointBlock, prevent_cse=False) if remat else JointBlock
-    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast,),
-                   length=length)
-
-
 def unpatchify(tokens, height: int, width: int, patch: int):
     """(B, height * width, patch^2 C) tokens, each a (patch, patch, C) tile -> (B, height patch, width patch, C)."""
     batch = tokens.shape[0]
@@ -284,8 +277,9 @@ class SD3Transformer(nn.Module):
         temb = TimeTextEmbed(c.inner_dim, self.dtype, name="time_text_embed")(timestep, pooled)
 
         for run in block_runs(c):
-            (img, txt), _ = _stack(run.length, self.remat)(c, run.dual_attention, run.context_pre_only, self.dtype,
-                                                           name=run.name)((img, txt), temb)
+            blocks = stack_blocks(JointBlock, run.length, self.remat, broadcast=1)  # temb: the same for every block
+            (img, txt), _ = blocks(c, run.dual_attention, run.context_pre_only, self.dtype, name=run.name)(
+                (img, txt), temb)
 
         scale, shift = Modulation(2, self.dtype, name="norm_out")(temb)
         img = modulate(layer_norm(img), shift, scale)
