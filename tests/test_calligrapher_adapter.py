@@ -1,14 +1,13 @@
 """Calligrapher's adapter: the image projection (MLP, Q-Former) and the Flux transformer with image-prompt
 attention against a torch reference of the same math built on diffusers' FluxTransformer2DModel (the reference
-processor below is written from the published facts, not copied), on tiny configs including non-square
-canvases with the context strip; the adapter .bin converter in its three key layouts and our export's bit-exact
-reload; and the full-size parameter counts."""
+processor, in tools/convert_weights/calligrapher_torch.py, is written from the published facts, not copied), on
+tiny configs including non-square canvases with the context strip; the adapter .bin converter in its three key
+layouts and our export's bit-exact reload; and the full-size parameter counts."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from jax_inpaint_rl.models.calligrapher import adapter as adapter_lib
 from jax_inpaint_rl.models.calligrapher.adapter import AdapterConfig
@@ -18,90 +17,10 @@ from tests.sd15_fixtures import randomize_norms, relative_error
 from tools.convert_weights import calligrapher as convert
 from tools.convert_weights import common
 from tools.convert_weights import flux as flux_convert
+from tools.convert_weights.calligrapher_torch import (IPAttnProcessor, TorchMLPProjection, TorchQFormerProjection,
+                                                      attach_processors)
 
-# --- the torch reference ----------------------------------------------------------------------------------
-
-class TorchMLPProjection(torch.nn.Module):
-    """Linear(E, 2E), exact GELU, Linear(2E, T C), reshape (B, T, C), LayerNorm(C)."""
-
-    def __init__(self, embed_dim: int, width: int, tokens: int):
-        super().__init__()
-        self.tokens, self.width = tokens, width
-        self.proj = torch.nn.Sequential(torch.nn.Linear(embed_dim, 2 * embed_dim), torch.nn.GELU(),
-                                        torch.nn.Linear(2 * embed_dim, tokens * width))
-        self.norm = torch.nn.LayerNorm(width)
-
-    def forward(self, embeds):
-        return self.norm(self.proj(embeds).reshape(-1, self.tokens, self.width))
-
-
-class TorchQFormerProjection(torch.nn.Module):
-    """Learned queries attend (torch MultiheadAttention) to id_proj's tokens; LN(attn + queries); LN."""
-
-    def __init__(self, embed_dim: int, width: int, tokens: int, heads: int, kv_tokens: int):
-        super().__init__()
-        self.width = width
-        self.query_embeds = torch.nn.Parameter(torch.randn(tokens, width))
-        self.id_proj = torch.nn.Sequential(torch.nn.Linear(embed_dim, 2 * embed_dim), torch.nn.GELU(),
-                                           torch.nn.Linear(2 * embed_dim, kv_tokens * width))
-        self.cross_attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
-        self.cross_attn_norm = torch.nn.LayerNorm(width)
-        self.norm = torch.nn.LayerNorm(width)
-
-    def forward(self, embeds):
-        kv = self.id_proj(embeds).reshape(embeds.shape[0], -1, self.width)
-        queries = self.query_embeds[None].expand(embeds.shape[0], -1, -1)
-        attended, _ = self.cross_attn(queries, kv, kv, need_weights=False)
-        return self.norm(self.cross_attn_norm(attended + queries))
-
-
-class IPAttnProcessor(torch.nn.Module):
-    """diffusers' Flux attention plus the image-prompt term: keys / values from the image tokens (no bias), keys
-    RMS-normed per head (eps 1e-5, no scale), the query after norm_q and before RoPE, its own softmax; added
-    (x scale) before to_out in double blocks, to every token in single blocks."""
-
-    def __init__(self, token_width: int, inner: int, scale: float = 1.0):
-        super().__init__()
-        self.scale = scale
-        self.to_k_ip = torch.nn.Linear(token_width, inner, bias=False)
-        self.to_v_ip = torch.nn.Linear(token_width, inner, bias=False)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 image_emb=None):
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        heads = lambda x: x.unflatten(-1, (-1, attn.head_dim))  # noqa: E731  (B, L, N, D)
-        query = attn.norm_q(heads(attn.to_q(hidden_states)))
-        key = attn.norm_k(heads(attn.to_k(hidden_states)))
-        value = heads(attn.to_v(hidden_states))
-        ip_key = F.rms_norm(heads(self.to_k_ip(image_emb)), (attn.head_dim,), eps=1e-5)
-        ip_value = heads(self.to_v_ip(image_emb))
-        sdpa = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).flatten(2)
-        ip = sdpa(query, ip_key, ip_value)
-        if encoder_hidden_states is not None:
-            text_len = encoder_hidden_states.shape[1]
-            query = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states))), query], dim=1)
-            key = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states))), key], dim=1)
-            value = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), value], dim=1)
-        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = sdpa(query, key, value)
-        if encoder_hidden_states is None:
-            return out + self.scale * ip
-        text, image = out[:, :text_len], out[:, text_len:] + self.scale * ip
-        return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(text)
-
-
-def attach_processors(transformer, token_width: int, scale: float = 1.0, seed: int = 0) -> list[IPAttnProcessor]:
-    """An IPAttnProcessor on every attention layer (double blocks first), random weights; returns them in order."""
-    torch.manual_seed(seed)
-    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    processors = {name: IPAttnProcessor(token_width, inner, scale) for name in transformer.attn_processors}
-    ordered = list(processors.values())
-    transformer.set_attn_processor(processors)  # (empties the dict it is given)
-    return ordered
-
+# --- the torch reference (its modules: tools/convert_weights/calligrapher_torch.py) ---------------------------
 
 def adapter_state(mlp, qformer, processors, layout: str) -> dict:
     """The torch adapter as each layout stores it."""

@@ -1,9 +1,11 @@
 """`jax.nn.dot_product_attention` implementations on a family's attention shapes: speed, and error against
 float32.
 
-The shapes are the family's largest attention at the bench resolution: Flux's
-joint attention over text + image tokens (24 heads of 128 at full size), SD1.5's
-self-attention at the first UNet level (8 heads of 40). Each implementation
+The shapes are the family's largest attention at the bench resolution (models.py's
+builders): the joint attention over text + image tokens of Flux and Calligrapher
+(24 heads of 128 at full size; Calligrapher's image tokens cover its canvas) and of
+SD3 (24 heads of 64 for SD3.5-Medium), SD1.5's self-attention at the first UNet
+level (8 heads of 40). Each implementation
 (model.attention's names: 'auto' (JAX picks), 'xla', 'cudnn': the fused flash kernel on NVIDIA GPUs) is
 timed in the bench dtype and compared with 'xla' in float32 (max |diff| / max
 |reference|); one that cannot run here is recorded with its reason.
@@ -14,7 +16,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_inpaint_rl.models.layers import attention
 from tools.bench import measure
@@ -24,15 +25,8 @@ TOLERANCE = 2e-2  # bf16 has 8 bits of mantissa: a max error of ~1e-2 of the out
 
 
 def shape(model: Model, batch: int, resolution: int) -> tuple[int, int, int, int]:
-    """(batch, tokens, heads, head dim) of the family's largest attention at `resolution`."""
-    config = model.denoiser_config
-    height, width, _ = model.family.latent_shape(resolution, resolution)
-    if model.name == "flux_fill":
-        text = model.conditioning(np.random.default_rng(0), 1)["text"].shape[1]
-        return batch, height * width + text, config["num_attention_heads"], config["attention_head_dim"]
-    heads = config["attention_head_dim"]
-    heads = heads[0] if isinstance(heads, (list, tuple)) else heads
-    return batch, height * width, heads, config["block_out_channels"][0] // heads
+    """(batch, tokens, heads, head dim) of the family's largest attention at `resolution` (its builder says)."""
+    return model.attention_shape(batch, resolution)
 
 
 def run(model: Model, batch: int, resolution: int, dtype: str, repeats: int, device) -> dict:

@@ -1,6 +1,6 @@
 """Every GPU number in one command: speed, memory and numerics of a family against PyTorch, full size.
 
-    python -m tools.bench.gpu_suite [--family flux_fill sd15_inpaint] [--dry] [--budget-s 480]
+    python -m tools.bench.gpu_suite [--family flux_fill sd15_inpaint sd3 calligrapher] [--dry] [--budget-s 480]
         [--out tools/bench/results.jsonl] [--readme tools/bench/README.md]
 
 Per family, in one process (torch first, then ours, each phase guarded against running out of memory):
@@ -13,8 +13,8 @@ Per family, in one process (torch first, then ours, each phase guarded against r
   the device's memory fits by that estimate.
 Each phase appends a record to --out (date, device, versions, command, results); the table between the
 `gpu-suite` markers of --readme is regenerated from every suite record. Phases that would start after
---budget-s are recorded as skipped. `--dry` runs everything with the tiny configs on whatever device jax
-has (the test suite does, so a GPU run cannot fail on a typo).
+--budget-s (counted from the suite's start, over all families) are recorded as skipped. `--dry` runs everything
+with the tiny configs on whatever device jax has (the test suite does, so a GPU run cannot fail on a typo).
 """
 import os
 
@@ -32,7 +32,7 @@ import jax  # noqa: E402
 
 from tools.bench import attention_bench, memory_estimate, models, numerics, rl_step  # noqa: E402
 
-FAMILIES = ("flux_fill", "sd15_inpaint")
+FAMILIES = ("flux_fill", "sd15_inpaint", "sd3", "calligrapher")
 MARK_BEGIN, MARK_END = "<!-- gpu-suite: begin -->", "<!-- gpu-suite: end -->"
 DRY = dict(size="tiny", steps=2, batch=2, resolution=32, dtype="float32", repeats=1)
 
@@ -54,7 +54,7 @@ def phases(family: str, args) -> dict:
     lora = rl_args(family, "lora", args.dry, args.out)
     resolution = size.get("resolution", lora.resolution)
     model = models.build(family, size["size"], resolution, size["dtype"], remat=True)
-    config = rl_step.bench_config(recipe, lora)
+    config = rl_step.bench_config(recipe, "grpo", lora)
     device, torch_device = jax.devices()[0], rl_step.torch_device_for(jax.devices()[0])
     inputs = models.host_inputs(model, lora.batch, resolution, lora.seed)
     capacity = (device.memory_stats() or {}).get("bytes_limit")

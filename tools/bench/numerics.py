@@ -10,6 +10,8 @@ run identical weights. Measured:
   training-time computation, max |exp(logp_rescored - logp_rollout) - 1| (the
   ratio Flow-GRPO's users report drifting from 1 in bf16).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -18,20 +20,16 @@ import torch
 
 from jax_inpaint_rl.algorithms.base import rollout_program
 from jax_inpaint_rl.diffusion import rollout as rollout_lib
-from jax_inpaint_rl.models.params_io import flatten, unflatten
+from jax_inpaint_rl.models.params_io import unflatten
+from jax_inpaint_rl.models.sd3.transformer import SD3Config
 from tools.bench import ours, reference
 from tools.bench.models import Model
+from tools.convert_weights import calligrapher as calligrapher_convert
 from tools.convert_weights import common
 from tools.convert_weights import flux as flux_convert
+from tools.convert_weights import sd3 as sd3_convert
 from tools.convert_weights import sd15 as sd15_convert
-
-STACKS = {"flux_fill": flux_convert.TRANSFORMER_STACKS, "sd15_inpaint": ()}
-
-
-def rules_for(model: Model) -> list[common.Rule]:
-    if model.name == "flux_fill":
-        return flux_convert.TRANSFORMER_RULES
-    return sd15_convert.rules_for("unet", model.denoiser_config)
+from tools.convert_weights.calligrapher_torch import component_key
 
 
 def numpy_of(tensor: torch.Tensor) -> np.ndarray:
@@ -42,28 +40,80 @@ def numpy_of(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def torch_to_ours(model: Model, net: torch.nn.Module) -> dict:
-    """The torch denoiser's weights as our parameter tree (host NumPy), through the converter's key table."""
-    shapes = {path: tuple(leaf.shape) for path, leaf in flatten(model.param_shapes()).items()}
-    stacks = STACKS[model.name]
+def placed(source: str, tensors, rules, shapes: dict, expected: dict, slot) -> dict:
+    """Our flat tree {path: array} from (torch key, array) pairs through a converter's key table: `expected` is
+    the table's per-layer shapes, `slot(path) -> (stacked path, row or None)` where a layer's tensor goes in
+    `shapes` (the stacked tree)."""
     out = {}
-    tensors = ((name, numpy_of(value)) for name, value in net.state_dict().items())
-    for path, array in common.convert(f"torch {model.name}", tensors, rules_for(model),
-                                      flux_convert.per_layer_shapes(shapes, stacks)):
-        key, index = flux_convert.split_layer(path, stacks)
-        if index is None:
+    for path, array in common.convert(source, tensors, rules, expected):
+        key, row = slot(path)
+        if row is None:
             out[key] = array
         else:
-            out.setdefault(key, np.zeros(shapes[key], array.dtype))[index] = array
-    return unflatten(out)
+            out.setdefault(key, np.zeros(shapes[key], array.dtype))[row] = array
+    return out
+
+
+def _stacked(source: str, tensors, rules, tree, stacks: tuple[str, ...]) -> dict:
+    """`placed` for layers stacked per named scan (Flux's blocks, the adapter's ip kernels; () for none)."""
+    shapes = flux_convert.shapes_of(tree)
+    return placed(source, tensors, rules, shapes, flux_convert.per_layer_shapes(shapes, stacks),
+                  functools.partial(flux_convert.split_layer, stacks=stacks))
+
+
+def sd15_weights(model: Model, tensors) -> dict:
+    return _stacked("torch sd15_inpaint", tensors, sd15_convert.rules_for("unet", model.denoiser_config),
+                    model.param_shapes(), ())
+
+
+def flux_weights(model: Model, tensors) -> dict:
+    return _stacked("torch flux_fill", tensors, flux_convert.TRANSFORMER_RULES, model.param_shapes(),
+                    flux_convert.TRANSFORMER_STACKS)
+
+
+def sd3_weights(model: Model, tensors) -> dict:
+    """Blocks into their run's stack; the position table is a buffer our model builds itself."""
+    config = SD3Config.from_diffusers(model.denoiser_config)
+    shapes = flux_convert.shapes_of(model.param_shapes())
+    return placed("torch sd3", ((k, v) for k, v in tensors if k != sd3_convert.POSITION_TABLE),
+                  sd3_convert.TRANSFORMER_RULES, shapes, sd3_convert.per_block_shapes(shapes, config),
+                  functools.partial(sd3_convert.block_slot, slots=sd3_convert.block_slots(config)))
+
+
+CALLIGRAPHER_TABLES = {  # component -> (key table, stacked layers), as the converters write each
+    "transformer": (flux_convert.TRANSFORMER_RULES, flux_convert.TRANSFORMER_STACKS),
+    "image_proj": (calligrapher_convert.IMAGE_PROJ_RULES, ()),
+    "ip_attention": (calligrapher_convert.IP_RULES, calligrapher_convert.IP_STACKS),
+}
+
+
+def calligrapher_weights(model: Model, tensors) -> dict:
+    """Each CalligrapherDenoiser tensor to its component under the converters' names, then their key tables."""
+    parts = {name: [] for name in CALLIGRAPHER_TABLES}
+    for key, value in tensors:
+        component, canonical = component_key(key)
+        parts[component].append((canonical, value))
+    shapes = model.param_shapes()
+    out = {}
+    for name, (rules, stacks) in CALLIGRAPHER_TABLES.items():
+        out.update({f"{name}/{path}": array for path, array in
+                    _stacked(f"torch calligrapher {name}", parts[name], rules, shapes[name], stacks).items()})
+    return out
+
+
+WEIGHTS = {"sd15_inpaint": sd15_weights, "flux_fill": flux_weights, "sd3": sd3_weights,
+           "calligrapher": calligrapher_weights}
+
+
+def torch_to_ours(model: Model, net: torch.nn.Module) -> dict:
+    """The torch denoiser's weights as our parameter tree (host NumPy), through the converters' key tables."""
+    tensors = ((name, numpy_of(value)) for name, value in net.state_dict().items())
+    return unflatten(WEIGHTS[model.name](model, tensors))
 
 
 def to_torch_layout(model: Model, array) -> np.ndarray:
-    """Our latent layout -> the reference's: Flux tokens (B, L, 64), SD1.5 NCHW."""
-    array = np.asarray(array, np.float32)
-    if model.name == "flux_fill":
-        return array.reshape(array.shape[0], -1, array.shape[-1])
-    return array.transpose(0, 3, 1, 2)
+    """Our latent layout -> the reference's (Flux tokens (B, L, 64), NCHW for the UNet and SD3), float32."""
+    return reference.FAMILIES[model.name].layout(np.asarray(array, np.float32))
 
 
 def relative_error(ours_value, theirs) -> float:
@@ -83,8 +133,9 @@ def measure(model: Model, config, inputs: dict, args, jax_device, torch_device: 
     policy = ours.make_policy(model, config, latent_shape)
     schedule = policy.schedule
     cond, x_init = jax.device_put(inputs["cond"], jax_device), jax.device_put(inputs["x_init"], jax_device)
-    x_torch, cond_torch = reference.INPUTS[model.name](inputs, dtype, device, s.guidance_scale)
-    denoise = lambda net_, x, t: reference.GUIDED[model.name](net_, x, t, cond_torch, s.guidance_scale)  # noqa: E731
+    side = reference.FAMILIES[model.name]
+    x_torch, cond_torch = side.inputs(inputs, dtype, device, s.guidance_scale)
+    denoise = lambda net_, x, t: side.guided(net_, x, t, cond_torch, s.guidance_scale)  # noqa: E731
     tables = reference.coefficient_tables(schedule, device)
     step = lambda *a, **k: reference.STEPS[s.sampler](*a, noise_level=s.noise_level, **k)  # noqa: E731
     batch = x_init.shape[0]

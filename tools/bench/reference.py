@@ -1,29 +1,35 @@
 """The PyTorch reference, written the way Flow-GRPO (DDPO for SD1.5) runs it.
 
 Rollout: a Python loop over the steps, each a diffusers denoiser call with guidance (CFG by batch
-concatenation for SD1.5, the embedded guidance input for Flux Fill) and an SDE step with the log-prob of
-its transition: DDIM with eta for SD1.5, Flow-GRPO's SDE for Flux, in fp32. Update: the loss on one stored
-step per sample (PPO-clip for GRPO, DiffusionNFT's implicit-negative loss against a frozen copy), backward,
-grad-norm clip and an AdamW step. Eager, or with torch.compile on the denoiser.
+concatenation for SD1.5 and SD3, as their pipelines do; the embedded guidance input for Flux Fill and
+Calligrapher) and an SDE step with the log-prob of its transition: DDIM with eta for SD1.5, Flow-GRPO's SDE
+for the flow families, in fp32. Update: the loss on one stored step per sample (PPO-clip for GRPO on the guided
+call, DiffusionNFT's implicit-negative loss on the unguided one against a frozen copy), backward, grad-norm clip
+and an AdamW step. Eager, or with torch.compile on the denoiser.
 
-The per-step coefficient tables are the library's host-computed schedule (tests/test_diffusion.py proves it
-equal to diffusers' schedulers); everything that runs per step is written here.
+Each family is a `TorchFamily` (FAMILIES): how its denoiser is built and called, and its inputs in the layout
+the diffusers model takes. The per-step coefficient tables are the library's host-computed schedule
+(tests/test_diffusion.py proves it equal to diffusers' schedulers); everything that runs per step is written
+here.
 """
 import copy
+import dataclasses
 import functools
 import gc
 import math
+from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
 from jax_inpaint_rl.models.flux import family as flux
+from jax_inpaint_rl.models.sd3 import family as sd3
 from tools.bench import measure
 from tools.bench.models import Model
+from tools.convert_weights.calligrapher_torch import CalligrapherDenoiser
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DENOISERS = {"sd15_inpaint": UNet2DConditionModel, "flux_fill": FluxTransformer2DModel}
 
 
 # --- the denoiser: built on the device, random ----------------------------------------------------------
@@ -41,13 +47,38 @@ def randomize_(net: torch.nn.Module, seed: int) -> None:
                 param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
 
 
+def no_buffers(net: torch.nn.Module) -> tuple[str, ...]:
+    """For denoisers without buffers: nothing to fill."""
+    del net
+    return ()
+
+
+@torch.no_grad()
+def sd3_buffers(net: SD3Transformer2DModel) -> tuple[str, ...]:
+    """The position table (a buffer diffusers builds at construction, left empty by `to_empty`), rebuilt on its
+    device as diffusers builds it."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    embed = net.pos_embed
+    table = get_2d_sincos_pos_embed(net.inner_dim, embed.pos_embed_max_size, base_size=embed.base_size,
+                                    interpolation_scale=embed.interpolation_scale, device=embed.pos_embed.device)
+    embed.pos_embed.copy_(table.float().unsqueeze(0))
+    return ("pos_embed.pos_embed",)
+
+
 def build_denoiser(model: Model, dtype: torch.dtype, device: torch.device, seed: int, remat: bool) -> torch.nn.Module:
     """Built on the meta device, materialised on `device` in `dtype`: a 12B model never exists in fp32 or on
-    the host."""
+    the host. Buffers are rebuilt by the family (`to_empty` leaves them uninitialised); one it does not rebuild
+    is an error."""
+    side = FAMILIES[model.name]
     with torch.device("meta"):
-        net = DENOISERS[model.name](**model.denoiser_config)
+        net = side.denoiser(**model.denoiser_config)
     net = net.to(dtype=dtype).to_empty(device=device)
     randomize_(net, seed)
+    unfilled = sorted({name for name, _ in net.named_buffers()} - set(side.fill_buffers(net)))
+    if unfilled:
+        raise ValueError(f"{model.name}: torch denoiser buffers {unfilled} are left uninitialised by to_empty; "
+                         "its TorchFamily.fill_buffers must rebuild them")
     if remat:
         net.enable_gradient_checkpointing()
     return net
@@ -60,14 +91,25 @@ def _to_torch(array, device) -> torch.Tensor:
     return torch.from_numpy(np.array(array)).to(device)
 
 
+def nchw(array) -> np.ndarray:
+    """Our channels-last latents (B, h, w, C) as the UNet / SD3 transformer take them."""
+    return np.asarray(array).transpose(0, 3, 1, 2)
+
+
+def packed_tokens(array) -> np.ndarray:
+    """Our packed latent grid (B, h/2, w/2, 4C) as Flux's token sequence (B, L, 4C), row-major."""
+    array = np.asarray(array)
+    return array.reshape(array.shape[0], -1, array.shape[-1])
+
+
 def sd15_inputs(inputs: dict, dtype, device, guidance_scale: float):
     """NCHW latents; the CFG batch [negative, positive] concatenated once, as the pipelines do."""
     del guidance_scale  # applied per step
-    nchw = lambda a: _to_torch(a.transpose(0, 3, 1, 2), device)  # noqa: E731
+    to = lambda a: _to_torch(nchw(a), device)  # noqa: E731
     positive, negative = inputs["cond"]["positive"], inputs["cond"]["negative"]
-    image = torch.cat([nchw(positive["mask"]), nchw(positive["masked_latents"])], dim=1).to(dtype)
+    image = torch.cat([to(positive["mask"]), to(positive["masked_latents"])], dim=1).to(dtype)
     text = torch.cat([_to_torch(negative["text"], device), _to_torch(positive["text"], device)]).to(dtype)
-    return nchw(inputs["x_init"]), {"text": text, "image": torch.cat([image, image])}
+    return to(inputs["x_init"]), {"text": text, "image": torch.cat([image, image])}
 
 
 def sd15_guided(net, x, t, cond, scale: float):
@@ -79,11 +121,18 @@ def sd15_guided(net, x, t, cond, scale: float):
     return uncond + scale * (text - uncond)
 
 
+def sd15_unguided(net, x, t, cond):
+    """The positive prompt's prediction alone (what the library's NFT and SFT objectives train)."""
+    image = cond["image"].chunk(2)[1]
+    return net(torch.cat([x.to(image.dtype), image], dim=1), t, encoder_hidden_states=cond["text"].chunk(2)[1],
+               return_dict=False)[0].float()
+
+
 def flux_inputs(inputs: dict, dtype, device, guidance_scale: float):
     """Packed (B, L, 64) latent tokens; Fill's masked-image + mask tokens concatenated per step on channels."""
     x_init, cond = inputs["x_init"], inputs["cond"]
     batch, height, width, _ = x_init.shape
-    tokens = lambda a: _to_torch(a.reshape(batch, height * width, -1), device)  # noqa: E731
+    tokens = lambda a: _to_torch(packed_tokens(a), device)  # noqa: E731
     return tokens(x_init), {
         "text": _to_torch(cond["text"], device).to(dtype), "pooled": _to_torch(cond["pooled"], device).to(dtype),
         "fill": tokens(cond["fill"]).to(dtype), "img_ids": _to_torch(flux.image_ids(height, width), device),
@@ -91,17 +140,88 @@ def flux_inputs(inputs: dict, dtype, device, guidance_scale: float):
         "guidance": torch.full((batch,), guidance_scale, device=device)}
 
 
-def flux_guided(net, x, t, cond, scale: float):
-    """Velocity; the guidance scale is the model input cond['guidance'] (Flux is guidance-distilled)."""
-    del scale
+def _flux_call(net, x, t, cond, **extra):
     hidden = torch.cat([x.to(cond["fill"].dtype), cond["fill"]], dim=-1)
     return net(hidden_states=hidden, timestep=t, guidance=cond["guidance"], pooled_projections=cond["pooled"],
                encoder_hidden_states=cond["text"], txt_ids=cond["txt_ids"], img_ids=cond["img_ids"],
-               return_dict=False)[0].float()
+               return_dict=False, **extra)[0].float()
 
 
-INPUTS = {"sd15_inpaint": sd15_inputs, "flux_fill": flux_inputs}
-GUIDED = {"sd15_inpaint": sd15_guided, "flux_fill": flux_guided}
+def flux_guided(net, x, t, cond, scale: float):
+    """Velocity; the guidance scale is the model input cond['guidance'] (Flux is guidance-distilled), so the
+    guided and the unguided call are one call."""
+    del scale
+    return _flux_call(net, x, t, cond)
+
+
+def calligrapher_inputs(inputs: dict, dtype, device, guidance_scale: float):
+    """Flux Fill's inputs on the canvas (strip rows first), the pooled image embedding, and the strip's token
+    count (W x W pixels: as many latent rows as the canvas has columns)."""
+    x_init, cond = flux_inputs(inputs, dtype, device, guidance_scale)
+    columns = inputs["x_init"].shape[2]
+    return x_init, {**cond, "image_embeds": _to_torch(inputs["cond"]["image_embeds"], device).to(dtype),
+                    "strip_tokens": columns * columns}
+
+
+def calligrapher_guided(net, x, t, cond, scale: float):
+    """Velocity of CalligrapherDenoiser on the canvas (embedded guidance: guided and unguided are one call); as
+    the family's denoise, the strip's tokens carry no gradient."""
+    del scale
+    velocity = _flux_call(net, x, t, cond, image_embeds=cond["image_embeds"])
+    strip = cond["strip_tokens"]
+    return torch.cat([velocity[:, :strip].detach(), velocity[:, strip:]], dim=1)
+
+
+SD3_TIMESTEP_SCALE = sd3.FlowShift().num_train_timesteps  # the bench's families use the default scheduler
+
+
+def sd3_inputs(inputs: dict, dtype, device, guidance_scale: float):
+    """NCHW latents; text and pooled text of both prompts, and their CFG batch [negative, positive]
+    concatenated once, as StableDiffusion3Pipeline does."""
+    del guidance_scale  # applied per step
+    prompts = {side: {name: _to_torch(value, device).to(dtype) for name, value in inputs["cond"][side].items()}
+               for side in ("negative", "positive")}
+    both = {name: torch.cat([prompts["negative"][name], prompts["positive"][name]]) for name in ("text", "pooled")}
+    return _to_torch(nchw(inputs["x_init"]), device), {"both": both, "positive": prompts["positive"]}
+
+
+def _sd3_call(net, x, t, prompt):
+    """Velocity; the transformer takes the scheduler's timesteps, sigma x num_train_timesteps."""
+    return net(hidden_states=x.to(prompt["text"].dtype), timestep=t * SD3_TIMESTEP_SCALE,
+               encoder_hidden_states=prompt["text"], pooled_projections=prompt["pooled"], return_dict=False)[0].float()
+
+
+def sd3_unguided(net, x, t, cond):
+    return _sd3_call(net, x, t, cond["positive"])
+
+
+def sd3_guided(net, x, t, cond, scale: float):
+    """v_uncond + scale (v_text - v_uncond) from one call on the doubled batch; one call on the positive prompt
+    at a scale <= 1 (the pipeline's do_classifier_free_guidance)."""
+    if scale <= 1.0:
+        return sd3_unguided(net, x, t, cond)
+    uncond, text = _sd3_call(net, torch.cat([x, x]), torch.cat([t, t]), cond["both"]).chunk(2)
+    return uncond + scale * (text - uncond)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchFamily:
+    denoiser: Callable[..., torch.nn.Module]  # (**Model.denoiser_config) -> the module (built on the meta device)
+    fill_buffers: Callable[[torch.nn.Module], tuple[str, ...]]  # rebuilds what to_empty left empty; their names
+    layout: Callable[[np.ndarray], np.ndarray]  # our latents (host) -> the layout the module takes
+    inputs: Callable  # (host inputs, dtype, device, guidance scale) -> (initial latents, cond), on the device
+    guided: Callable  # (net, x, t, cond, scale) -> prediction in fp32, with the family's guidance
+    unguided: Callable  # (net, x, t, cond) -> the positive prompt's prediction (NFT trains it, as ours does)
+
+
+FAMILIES = {
+    "sd15_inpaint": TorchFamily(UNet2DConditionModel, no_buffers, nchw, sd15_inputs, sd15_guided, sd15_unguided),
+    "flux_fill": TorchFamily(FluxTransformer2DModel, no_buffers, packed_tokens, flux_inputs, flux_guided,
+                             functools.partial(flux_guided, scale=None)),
+    "sd3": TorchFamily(SD3Transformer2DModel, sd3_buffers, nchw, sd3_inputs, sd3_guided, sd3_unguided),
+    "calligrapher": TorchFamily(CalligrapherDenoiser, no_buffers, packed_tokens, calligrapher_inputs,
+                                calligrapher_guided, functools.partial(calligrapher_guided, scale=None)),
+}
 
 
 # --- SDE steps with log-probs (fp32) --------------------------------------------------------------------
@@ -268,14 +388,16 @@ def run_variant(net, compiled: bool, model: Model, configs: dict, inputs: dict, 
         torch.cuda.reset_peak_memory_stats(device)
     rollout_config = configs["grpo"]
     s = rollout_config.sample
-    x_init, cond = INPUTS[model.name](inputs, TORCH_DTYPES[args.dtype], device, s.guidance_scale)
+    side = FAMILIES[model.name]
+    x_init, cond = side.inputs(inputs, TORCH_DTYPES[args.dtype], device, s.guidance_scale)
     schedule = model.family.schedule(s.num_steps, inputs["x_init"].shape[1:])
     tables = coefficient_tables(schedule, device)
     if s.sampler not in STEPS:
         raise ValueError(f"sample.sampler={s.sampler!r}: the torch reference implements {sorted(STEPS)}")
     step = functools.partial(STEPS[s.sampler], noise_level=s.noise_level)
-    # (net, x, t) -> output; NFT's unguided call is this one too, since only Flux (guidance as an input) has NFT
-    denoise = functools.partial(GUIDED[model.name], cond=cond, scale=s.guidance_scale)
+    # (net, x, t) -> output: the guided call samples and GRPO re-scores; NFT trains the unguided one, as ours does
+    denoise = functools.partial(side.guided, cond=cond, scale=s.guidance_scale)
+    unguided = functools.partial(side.unguided, cond=cond)
     runner = torch.compile(net) if compiled else net
     sync, results, trajectory = _sync(device), {}, None
 
@@ -297,7 +419,7 @@ def run_variant(net, compiled: bool, model: Model, configs: dict, inputs: dict, 
         else:
             old = copy.deepcopy(net).requires_grad_(False)
             old_runner = torch.compile(old) if compiled else old
-            update = functools.partial(nft_update, runner, old_runner, net, optimizer, denoise, tables, batch,
+            update = functools.partial(nft_update, runner, old_runner, net, optimizer, unguided, tables, batch,
                                        config)
         timings, _ = measure.timed_runs(update, sync, args.repeats, f"{label} {method} update")
         return timings

@@ -1,6 +1,6 @@
 """One RL step of a family's denoiser, ours against a PyTorch reference on the same device.
 
-    python -m tools.bench.rl_step --family sd15_inpaint|flux_fill --size tiny|full [--steps N --batch B
+    python -m tools.bench.rl_step --family sd15_inpaint|flux_fill|sd3|calligrapher --size tiny|full [--steps N --batch B
         --resolution R --dtype float32|bfloat16 --no-torch-compile --repeats K --seed S
         --out tools/bench/results.jsonl]
 
@@ -33,8 +33,13 @@ import torch  # noqa: E402
 
 from tools.bench import measure, models, ours, reference  # noqa: E402
 
+# family -> method -> the recipe whose settings the bench takes (bench_config sets train.method to the method)
 RECIPES = {"sd15_inpaint": {"grpo": "configs.sd15_grpo"},
-           "flux_fill": {"grpo": "configs.flux_fill_grpo", "nft": "configs.flux_fill_nft"}}
+           "flux_fill": {"grpo": "configs.flux_fill_grpo", "nft": "configs.flux_fill_nft"},
+           # no SD3 NFT recipe: the GRPO recipe trained by NFT, with configs/base.py's NFT settings (beta 0.5,
+           # adv_mode normal: those of flux_fill_nft and calligrapher_nft)
+           "sd3": {"grpo": "configs.sd3_grpo", "nft": "configs.sd3_grpo"},
+           "calligrapher": {"grpo": "configs.calligrapher_grpo", "nft": "configs.calligrapher_nft"}}
 METHODS = ("grpo", "nft")
 PHASES = ("rollout",) + tuple(f"update_{method}" for method in METHODS)
 DTYPES = ("float32", "bfloat16")
@@ -42,8 +47,9 @@ DTYPES = ("float32", "bfloat16")
 TINY_DEFAULTS = dict(steps=4, batch=2, resolution=32, dtype="float32", repeats=3)
 FULL_DEFAULTS = dict(dtype="bfloat16", repeats=5)
 WEIGHTS = "random, drawn independently on each side from the same denoiser config (speed only is compared)"
-OVERRIDES = ("SDE with log-probs at every step (window_size 0); --trainable on both sides (LoRA: the recipe's rank "
-             "and alpha on the attention projections, peft on the torch side); ema off and kl_beta 0 on both sides "
+OVERRIDES = ("SDE with log-probs at every step (window_size 0); --trainable on both sides in place of the recipe's "
+             "(LoRA: the recipe's rank and alpha on the attention projections, peft on the torch side; a recipe's "
+             "trained subset, such as Calligrapher's adapter, is not used); ema off and kl_beta 0 on both sides "
              "(the reference has no EMA or KL model); params and compute in --dtype on both sides")
 DEFAULT_OUT = Path(__file__).parent / "results.jsonl"
 
@@ -54,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", required=True, choices=models.SIZES)
     parser.add_argument("--steps", type=int, help="denoising steps (tiny: 4, full: the recipe's)")
     parser.add_argument("--batch", type=int, help="images per rollout and per update (tiny: 2, full: the recipe's "
-                                                  "minibatch)")
+                                                  "minibatch on one device)")
     parser.add_argument("--resolution", type=int, help="image side in pixels (tiny: 32, full: the recipe's)")
     parser.add_argument("--dtype", choices=DTYPES, help="params and compute (tiny: float32, full: bfloat16)")
     parser.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",
@@ -68,9 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL file the record is appended to")
     args = parser.parse_args(argv)
-    recipe = importlib.import_module(RECIPES[args.family]["grpo"]).get_config()
+    module = importlib.import_module(RECIPES[args.family]["grpo"])
+    recipe = module.get_config()
     defaults = TINY_DEFAULTS if args.size == "tiny" else dict(
-        FULL_DEFAULTS, steps=recipe.sample.num_steps, batch=recipe.train.minibatch_size,
+        FULL_DEFAULTS, steps=recipe.sample.num_steps, batch=per_device_batch(module, recipe),
         resolution=recipe.data.resolution)
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -84,15 +91,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def bench_config(recipe: str, args):
-    """The recipe with the bench's size, dtype and the overrides both sides share (OVERRIDES)."""
+def per_device_batch(module, recipe) -> int:
+    """The recipe's micro-batch on one device: a recipe that states global sizes for `GPUS` devices (as
+    configs/sd3_grpo.py does) is divided by them."""
+    return max(1, recipe.train.minibatch_size // getattr(module, "GPUS", 1))
+
+
+def bench_config(recipe: str, method: str, args):
+    """The recipe with the bench's method, size, dtype and the overrides both sides share (OVERRIDES)."""
     config = importlib.import_module(recipe).get_config()
+    config.train.method = method
     config.sample.num_steps = args.steps
     config.sample.window_size = 0
     config.model.compute_dtype = config.model.param_dtype = args.dtype
     config.ema.enabled = False
     config.grpo.kl_beta = config.nft.kl_beta = 0.0
-    config.train.trainable = args.trainable
+    config.train.trainable, config.train.trainable_pattern = args.trainable, ""
     config.train.minibatch_size, config.train.timestep_mode, config.train.inner_epochs = args.batch, "one", 1
     return config
 
@@ -136,7 +150,7 @@ def mfu(ours_results: dict, peak: dict) -> dict:
 def run(args) -> dict:
     """Build, measure the torch reference (first: it hands the device memory back), then ours."""
     device, load_average = jax.devices()[0], os.getloadavg()  # CPU timings mean little on a busy machine
-    configs = {method: bench_config(recipe, args) for method, recipe in RECIPES[args.family].items()}
+    configs = {method: bench_config(recipe, method, args) for method, recipe in RECIPES[args.family].items()}
     remat = configs["grpo"].model.remat
     try:
         model = models.build(args.family, args.size, args.resolution, args.dtype, remat)
@@ -168,7 +182,9 @@ def run(args) -> dict:
                    "latent_shape": list(inputs["x_init"].shape[1:]), "recipes": RECIPES[args.family],
                    "weights": WEIGHTS, "overrides": OVERRIDES},
         "params": {"ours": sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(model.param_shapes())),
-                   "torch": torch_results["params"]},
+                   "torch": torch_results["params"],
+                   "trained": {"ours": ours_results["update_grpo"].get("trained_params"),
+                               "torch": torch_results["trained"]}},
         "ours": ours_results,
         "torch_eager": torch_results["eager"],
         "torch_compiled": torch_results["compiled"],
