@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.guidance_scale = 3.5  # --rl_guidance_scale
     c.sample.sampler = "flow_grpo"  # flow_grpo | dance_grpo | cps | ddim (ode is used outside the window)
     c.sample.noise_level = 0.7  # a (Flow-GRPO / CPS) or eta (DanceGRPO / DDIM)
+    c.sample.strength = 1.0  # inpainting strength (pasting families): < 1 starts from the noised source, fewer steps
     c.sample.window_size = 0  # SDE window length in steps; 0 = every step is stochastic; 1 = S1
     c.sample.window_max_start = 0  # window start drawn uniformly in [0, window_max_start] per epoch
     c.sample.images_per_prompt = 4  # --rl_num_images_per_prompt (group size k)

@@ -54,6 +54,7 @@ FIELD_RULES = (
     ("sample.guidance_scale", at_least(0.0)),
     ("sample.sampler", one_of(*STEP_FUNCTIONS)),
     ("sample.noise_level", at_least(0.0)),
+    ("sample.strength", (lambda v: 0 < v <= 1, "in (0, 1]")),
     ("sample.window_size", at_least(0)),
     ("sample.window_max_start", at_least(0)),
     ("sample.images_per_prompt", at_least(1)),
@@ -118,6 +119,10 @@ def check_family(config, family, algorithm) -> None:
     if wants != family.parameterization.name:
         raise ValueError(f"config: sample.sampler={config.sample.sampler!r} steps {wants} predictions; "
                          f"model.family={family.name!r} predicts {family.parameterization.name}")
+    if config.sample.strength < 1 and family.paste_region is None:
+        raise ValueError(f"config: sample.strength={config.sample.strength} starts from the noised source, which "
+                         f"model.family={family.name!r} does not keep (only families that paste their source, "
+                         "e.g. sd3_inpaint with a 16-channel transformer)")
     algorithm.check_family(family)
 
 

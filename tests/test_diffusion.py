@@ -263,3 +263,19 @@ def test_gaussian_log_prob_is_zero_for_deterministic_steps_and_finite_gradient()
     assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad) == 0)
     assert math.isclose(float(steps.gaussian_log_prob(jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.ones(1))[0]),
                         -0.5 * math.log(2 * math.pi), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("total,strength", [(10, 1.0), (10, 0.6), (3, 0.6), (7, 0.35), (50, 0.999), (4, 0.25)])
+def test_strength_keeps_the_steps_diffusers_runs(total, strength):
+    """schedules.from_strength keeps the last steps exactly as diffusers' inpainting get_timesteps does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint import (
+        StableDiffusion3InpaintPipeline)
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(total)
+    holder = type("Holder", (), {"scheduler": scheduler})()
+    timesteps, kept = StableDiffusion3InpaintPipeline.get_timesteps(holder, total, strength, "cpu")
+    cut = schedules.from_strength(schedules.sd3_schedule(total, 3.0), strength)
+    assert schedules.kept_steps(total, strength) == kept == schedules.num_steps(cut)
+    np.testing.assert_allclose(np.asarray(cut["model_t"]) * 1000, timesteps.numpy(), rtol=1e-5)

@@ -206,26 +206,39 @@ def test_inpaint_parity(tmp_path_factory, monkeypatch):
     assert relative_error(got, noise.transpose(0, 2, 3, 1)) > 1e-2, "the steps moved the latents"
 
 
-def test_inpaint_by_pasting_parity(tmp_path_factory, monkeypatch):
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpaint_by_pasting_parity(tmp_path_factory, monkeypatch, strength):
     """A 16-channel transformer: our rollout (the ODE sampler, Family.paste_region) against the pipeline's
-    per-step paste of the re-noised source; outside the mask the clean result is the source's latents."""
+    per-step paste of the re-noised source; outside the mask the clean result is the source's latents. With
+    strength 0.6 both start from the source noised to the second of 3 sigmas and run 2 steps (the pipeline draws
+    its noise from a seeded generator: the same draw is our initial noise)."""
     _, pipe, _, (family, params) = converted("inpaint_paste", tmp_path_factory)
     encode_with_the_mean(monkeypatch)
     images, masks, noise = examples()
+    if strength < 1:
+        noise = torch.randn(noise.shape, generator=torch.Generator().manual_seed(0)).numpy()
     inputs = {"image": jnp.asarray(images, jnp.float32) / 127.5 - 1.0,
               "mask": jnp.asarray(masks[..., None], jnp.float32) / 255.0}
     cond = programs.make_encode(family)(params, family.tokenize(PROMPTS, inputs),
                                         family.tokenize([""] * BATCH, inputs), inputs, {})
     assert set(cond["positive"]) == {"text", "pooled", "mask", "source_latents"}
-    policy = programs.make_policy(family, family.schedule(STEPS, None), Sampler("flow_grpo", 0.7), SCALE)
+    schedule = schedules.from_strength(family.schedule(STEPS, None), strength)
+    policy = programs.make_policy(family, schedule, Sampler("flow_grpo", 0.7), SCALE)
+    steps = schedules.num_steps(schedule)
+    assert steps == (STEPS if strength == 1 else 2)
     x_init = jnp.asarray(noise.transpose(0, 2, 3, 1))
     trajectory = jax.jit(lambda p, c, x: rollout_lib.rollout(
-        policy.guided, p, c, x, policy.schedule, policy.sampler, jax.random.key(0), jnp.zeros(STEPS),
+        policy.guided, p, c, x, policy.schedule, policy.sampler, jax.random.key(0), jnp.zeros(steps),
         paste=policy.paste(c)))(params["transformer"], cond, x_init)
     got = trajectory.latents[:, -1]
 
     pil_images, pil_masks = [Image.fromarray(i) for i in images], [Image.fromarray(m) for m in masks]
-    ref = run_diffusers(pipe, noise, "latent", image=pil_images, mask_image=pil_masks, strength=1.0)
+    generated = dict(latents=torch.from_numpy(noise)) if strength == 1 else dict(
+        latents=None, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = pipe(prompt=PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=SCALE,
+                   output_type="latent", max_sequence_length=T5_LENGTH, image=pil_images, mask_image=pil_masks,
+                   strength=strength, **generated).images.numpy()
     assert relative_error(got, ref.transpose(0, 2, 3, 1)) <= TOLERANCE
     region, source = cond["positive"]["mask"], cond["positive"]["source_latents"]
     outside = np.broadcast_to(np.asarray(region) == 0, got.shape)

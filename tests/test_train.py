@@ -160,14 +160,18 @@ def test_bad_config_values_fail_before_compiling(tmp_path):
         algorithms.from_config(make_config(tmp_path, "ppo"))
     # every field with a known range or set, in one table: each bad value named, all at once
     config = make_config(tmp_path, "grpo", sample__images_per_prompt=1, eval__interval=0, checkpoint__interval=0,
-                         train__max_nonfinite_steps=0, data__format="bogus", mesh__fsdp=0, model__attention="flash")
+                         train__max_nonfinite_steps=0, data__format="bogus", mesh__fsdp=0, model__attention="flash",
+                         sample__strength=0.0)
     with pytest.raises(ValueError) as error:
         setup.validate(config, algorithms.from_config(config))
     for expected in ("sample.images_per_prompt=1: expected >= 2", "eval.interval=0: expected >= 1",
                      "checkpoint.interval=0: expected >= 1", "train.max_nonfinite_steps=0: expected >= 1",
                      "data.format='bogus': expected one of", "mesh.fsdp=0: expected -1",
-                     "model.attention='flash': expected one of"):
+                     "model.attention='flash': expected one of", "sample.strength=0.0: expected in (0, 1]"):
         assert expected in str(error.value)
+    config = make_config(tmp_path, "grpo", sample__strength=0.5)
+    with pytest.raises(ValueError, match="sample.strength=0.5 starts from the noised source, which model.family="):
+        setup.check_family(config, toy_family.tiny(seed=0, resolution=RES)[0], algorithms.from_config(config))
     config = make_config(tmp_path, "grpo", model__compute_dtype="float16")
     with pytest.raises(ValueError, match="float16 overflows .* use 'bfloat16'"):
         setup.validate(config, algorithms.from_config(config))

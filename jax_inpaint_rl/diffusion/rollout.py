@@ -66,14 +66,17 @@ def rollout(denoise, params, cond, x_init, schedule: Schedule, sampler: Sampler,
     """Run all steps from `x_init`; `denoise(params, x, t, cond)` is already guided.
 
     `window` (T,) scales the sampler's noise per step (None = SDE everywhere). `paste` (region, source
-    latents): a family that generates only a region (Family.paste_region); outside it each step's sample is
-    replaced by the noised source and the log-probs cover the region alone.
+    latents): a family that generates only a region (Family.paste_region); the trajectory starts from the source
+    noised to the first step's sigma with `x_init` as the noise (pure noise at sigma 1; a schedule cut by
+    `schedules.from_strength` starts part-way, as diffusers' inpainting `strength`), outside the region each
+    step's sample is replaced by the source noised to the next sigma, and the log-probs cover the region alone.
     """
     total = num_steps(schedule)
     window = jnp.ones((total,), jnp.float32) if window is None else jnp.asarray(window, jnp.float32)
     batch = x_init.shape[0]
-    x_init = x_init.astype(jnp.float32)
+    noise = x_init.astype(jnp.float32)
     region = None if paste is None else paste[0]
+    x_start = noise if paste is None else pasted(noise, 0.0, paste[1], noise, schedule["sigma"][0])
 
     def one_step(x, inputs):
         coeffs, step_window, step_key = inputs
@@ -81,13 +84,13 @@ def rollout(denoise, params, cond, x_init, schedule: Schedule, sampler: Sampler,
         model_out = denoise(params, x, t, cond)
         out = sampler.step(model_out, x, coeffs, window=step_window, key=step_key, region=region)
         if paste is not None:
-            out = out._replace(sample=pasted(out.sample, *paste, x_init, coeffs["sigma_next"]))
+            out = out._replace(sample=pasted(out.sample, *paste, noise, coeffs["sigma_next"]))
         return out.sample, (out.sample, out.log_prob, out.mean, out.std)
 
     keys = jax.random.split(key, total)
-    x_final, (samples, log_probs, means, stds) = jax.lax.scan(one_step, x_init, (schedule, window, keys))
+    x_final, (samples, log_probs, means, stds) = jax.lax.scan(one_step, x_start, (schedule, window, keys))
     del x_final
-    latents = jnp.concatenate([x_init[None], samples], axis=0)
+    latents = jnp.concatenate([x_start[None], samples], axis=0)
     batch_major = lambda a: jnp.moveaxis(a, 0, 1)  # noqa: E731
     return Trajectory(batch_major(latents), batch_major(log_probs), batch_major(means), batch_major(stds),
                       schedule["model_t"], window)

@@ -95,6 +95,18 @@ def num_steps(schedule: Schedule) -> int:
     return int(schedule["model_t"].shape[0])
 
 
+def kept_steps(total: int, strength: float) -> int:
+    """How many of `total` steps an inpainting / image-to-image `strength` in (0, 1] runs, as diffusers' pipelines
+    count them (get_timesteps skips int(N - N * strength)): at least 1; strength 1 runs all."""
+    return total - int(max(total - min(total * strength, total), 0))
+
+
+def from_strength(schedule: Schedule, strength: float) -> Schedule:
+    """The last `kept_steps` steps of `schedule`."""
+    total = num_steps(schedule)
+    return take_steps(schedule, np.arange(total - kept_steps(total, strength), total))
+
+
 def take_steps(schedule: Schedule, step_index) -> Schedule:
     """Per-sample coefficients for integer step indices of any shape."""
     return {name: jnp.take(values, step_index, axis=0) for name, values in schedule.items()}

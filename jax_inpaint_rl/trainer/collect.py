@@ -17,6 +17,7 @@ from jax_inpaint_rl import report
 from jax_inpaint_rl.algorithms import advantages as adv_lib
 from jax_inpaint_rl.algorithms.base import Algorithm
 from jax_inpaint_rl.diffusion import rollout as rollout_lib
+from jax_inpaint_rl.diffusion import schedules
 from jax_inpaint_rl.parallel import mesh as mesh_lib
 from jax_inpaint_rl.trainer.run import Run
 
@@ -105,7 +106,7 @@ def rollouts(run: Run, algorithm: Algorithm, key) -> tuple[dict, dict]:
     """(collected epoch, reward record): samples, cond, rewards, advantages and windows of every rollout."""
     s = run.config.sample
     window_key, *batch_keys = jax.random.split(key, 1 + s.batches_per_epoch)
-    sample_window, train_window = algorithm.windows(window_key, s.num_steps)
+    sample_window, train_window = algorithm.windows(window_key, schedules.kept_steps(s.num_steps, s.strength))
     sampling_params = run.state[algorithm.sample_from]
     groups_per_batch = s.prompts_per_batch * jax.process_count()
     pieces, pending, loader_valid = [], [], []

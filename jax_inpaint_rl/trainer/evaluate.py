@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from jax_inpaint_rl import report
+from jax_inpaint_rl.diffusion import schedules
 from jax_inpaint_rl.parallel import mesh as mesh_lib
 from jax_inpaint_rl.trainer.collect import condition, host_images, reward_meta
 from jax_inpaint_rl.trainer.run import Run
@@ -34,7 +35,7 @@ def evaluate(run: Run, tag: str) -> float:
     """Mean reward of deterministic samples (EMA params when kept) over the held-out set; writes eval_<tag>.png."""
     config, loader = run.config, run.loaders["eval"]
     params = run.state["ema"] if "ema" in run.state else run.state["params"]
-    window = np.zeros(config.sample.eval_num_steps, np.float32)
+    window = np.zeros(schedules.kept_steps(config.sample.eval_num_steps, config.sample.strength), np.float32)
     scores, rows, titles = [], [], []
     for index in range(loader.steps_per_epoch):
         batch = loader.batch_at(0, index)

@@ -19,6 +19,7 @@ from jax_inpaint_rl.algorithms import trainable as trainable_lib
 from jax_inpaint_rl.algorithms.base import Algorithm, rollout_program
 from jax_inpaint_rl.checkpoint.export import read_denoiser
 from jax_inpaint_rl.checkpoint.manager import Checkpointer
+from jax_inpaint_rl.diffusion import schedules
 from jax_inpaint_rl.diffusion.steps import Sampler
 from jax_inpaint_rl.models.family import Family
 from jax_inpaint_rl.parallel import mesh as mesh_lib
@@ -231,7 +232,8 @@ def build_programs(config, family: Family, algorithm: Algorithm, merge, latent_s
     sampler = Sampler(s.sampler, s.noise_level)
 
     def policy(num_steps):
-        return programs.make_policy(family, family.schedule(num_steps, latent_shape), sampler, s.guidance_scale)
+        schedule = schedules.from_strength(family.schedule(num_steps, latent_shape), s.strength)
+        return programs.make_policy(family, schedule, sampler, s.guidance_scale)
 
     train_policy = policy(s.num_steps)
     return Programs(
