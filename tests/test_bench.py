@@ -79,6 +79,7 @@ def test_bad_flags_name_the_value(flags, named, capsys):
     assert named in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["flux_fill", "sd3", "calligrapher"])
 def test_gpu_suite_dry_run_writes_every_phase_and_the_table(family, tmp_path, one_torch_thread):
     """The whole GPU suite with tiny configs on the CPU, one family per test: every phase gives a result (none

@@ -19,6 +19,8 @@ from tools.convert_weights import calligrapher as convert
 
 RES = test_recipes.RES
 
+pytestmark = pytest.mark.slow  # whole training runs: CI's second stage (README, Tests)
+
 
 def tiny_recipe(name: str, output_dir, epochs: int):
     config = test_recipes.tiny_version(test_recipes.load_recipe(name), output_dir)

@@ -25,6 +25,8 @@ RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 
                  and not os.path.basename(p).startswith("calligrapher_"))
 RES, EXAMPLES = 32, 4
 
+pytestmark = pytest.mark.slow  # whole training runs: CI's second stage (README, Tests)
+
 
 @rewards.register("test_saturation")
 def make_saturation():
@@ -143,9 +145,9 @@ def test_recipe_trains_with_a_tiny_model(recipe, tmp_path):
         assert "text_encoder_2" not in runner.frozen_params
     if recipe == "demo":
         _inpaint_cli_on(config.output_dir, tmp_path)
-    if config.train.method == "grpo":  # on-policy before the first update (sd3_inpaint_grpo: pasted rollouts)
+    if config.train.method == "grpo":  # on-policy before the first update, up to the rounding of two programs
         lines = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
-        assert [line for line in lines if "first_ratio_deviation" in line][0]["first_ratio_deviation"] < 1e-5
+        assert [line for line in lines if "first_ratio_deviation" in line][0]["first_ratio_deviation"] < 1e-4
     if recipe in ("flux_kontext_grpo", "flux_dev_grpo", "sd3_grpo"):
         _edit_and_generate_with(config.output_dir, tmp_path)
 
