@@ -261,12 +261,14 @@ def _numpy(tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
-def write_adapter(source: str, tensors: Mapping, expected: Mapping, dst: str, dtype) -> None:
-    """params/image_proj.safetensors and params/ip_attention.safetensors, streamed tensor by tensor."""
+def write_adapter(source: str, config: dict, tensors: Mapping, expected: Mapping, dst: str, dtype) -> None:
+    """params/image_proj.safetensors and params/ip_attention.safetensors, streamed tensor by tensor, and
+    adapter/config.json."""
     for name, rules, stacks in (("image_proj", IMAGE_PROJ_RULES, ()), ("ip_attention", IP_RULES, IP_STACKS)):
         matched = ((k, _numpy(v)) for k, v in tensors.items() if common._match(rules, k))
         flux.write_params(source, matched, rules, expected[name], stacks, flux.params_file(dst, name), dtype,
                           {"source": source}, prefix=f"{name}/")
+    flux._write_json(os.path.join(dst, "adapter", "config.json"), config)
 
 
 def adapter_expected_shapes(transformer_config: dict, adapter_config: dict) -> dict:
@@ -301,8 +303,7 @@ def convert_adapter(path: str, dst: str, transformer_config: dict, dtype: str = 
     """An adapter .bin (any layout) -> dst/params/image_proj|ip_attention.safetensors and dst/adapter/config.json.
     Returns the adapter config written."""
     config, tensors, expected = read_adapter(path, transformer_config, no_qformer, qformer_heads, ip_scale)
-    write_adapter(path, tensors, expected, dst, flux.OUTPUT_DTYPES[dtype])
-    flux._write_json(os.path.join(dst, "adapter", "config.json"), config)
+    write_adapter(path, config, tensors, expected, dst, flux.OUTPUT_DTYPES[dtype])
     return config
 
 
@@ -375,8 +376,7 @@ def convert(flux_src: str, adapter: str, dst: str, siglip_src: str | None = None
         if verify:
             print(f"verified {IMAGE_ENCODER}: {flux.verify_component(encoder, dst, IMAGE_ENCODER)} tensors equal "
                   "their source")
-    write_adapter(adapter, tensors, expected, dst, flux.OUTPUT_DTYPES[dtype])
-    flux._write_json(os.path.join(dst, "adapter", "config.json"), config)
+    write_adapter(adapter, config, tensors, expected, dst, flux.OUTPUT_DTYPES[dtype])
     if verify:
         print(f"verified adapter: {verify_adapter(adapter, dst, transformer_config, config)} tensors equal their "
               "source")
