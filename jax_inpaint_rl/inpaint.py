@@ -77,7 +77,8 @@ class Inpainter:
         family, prompts = self.family, [e["prompt"] for e in examples]
         inputs = {name: jnp.asarray(np.stack([e[name] for e in examples])) for name in family.inputs}
         tokens = family.tokenize(prompts, inputs)
-        negative = family.tokenize([""] * len(prompts), inputs) if family.guidance.needs_negative else {}
+        negative = ({} if not family.guidance.needs_negative
+                   else family.tokenize([family.negative_prompt] * len(prompts), inputs))
         cond = self.encode(self.others, tokens, negative, inputs, {})
         noise = jax.random.normal(jax.random.key(seed), (len(examples), *self.latent_shape))
         _, clean = self.sample({}, self.denoiser, cond, {"noise": noise}, jax.random.key(seed), self.window)

@@ -25,17 +25,44 @@ def test_sd3_schedule_matches_diffusers(num_steps, shift):
     np.testing.assert_allclose(ours["sigma_next"], scheduler.sigmas[1:].numpy(), rtol=1e-6, atol=1e-7)
 
 
+# Flux.1's scheduler config; Qwen-Image's (shift_terminal 0.02, max 8192 tokens); a linear time shift
+DYNAMIC_CONFIGS = {
+    "flux": dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                 max_image_seq_len=4096),
+    "qwen_image": dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                       max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential", shift=1.0),
+    "linear": dict(use_dynamic_shifting=True, base_shift=0.3, max_shift=1.7, base_image_seq_len=64,
+                   max_image_seq_len=2048, shift_terminal=0.1, time_shift_type="linear"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DYNAMIC_CONFIGS))
 @pytest.mark.parametrize("num_steps,seq_len", [(4, 256), (20, 1024), (50, 4096)])
-def test_flux_schedule_matches_diffusers(num_steps, seq_len):
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    mu = schedules.flux_mu(seq_len)
+def test_shifted_schedule_matches_diffusers(name, num_steps, seq_len):
+    """Our sigmas from the scheduler config equal diffusers' FlowMatchEulerDiscreteScheduler given the pipelines'
+    linspace(1, 1/N, N) and mu = calculate_shift(seq_len, ...) as the Flux / Qwen-Image pipelines compute it."""
+    config = DYNAMIC_CONFIGS[name]
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    c = scheduler.config
+    slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+    mu = seq_len * slope + c.base_shift - slope * c.base_image_seq_len  # the pipelines' calculate_shift
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
-    ours = schedules.flux_schedule(num_steps, seq_len)
-    np.testing.assert_allclose(ours["sigma"], scheduler.sigmas[:-1].numpy(), rtol=1e-6, atol=1e-7)
+    shift = schedules.DynamicShift.from_diffusers(dict(scheduler.config))
+    assert shift.mu(seq_len) == pytest.approx(mu, rel=1e-12)
+    ours = schedules.shifted_schedule(num_steps, seq_len, shift)
+    np.testing.assert_allclose(ours["sigma"], scheduler.sigmas[:-1].numpy(), rtol=2e-6, atol=1e-7)
     assert float(ours["sigma_next"][-1]) == 0.0
+    if c.shift_terminal:
+        assert float(ours["sigma"][-1]) == pytest.approx(c.shift_terminal, rel=1e-6)
     # the denominator substitute is the schedule's second sigma at t = 1
     assert float(ours["sigma_safe"][0]) == pytest.approx(float(scheduler.sigmas[1]), rel=1e-6)
+
+
+@pytest.mark.parametrize("key,value", [("use_dynamic_shifting", False), ("use_karras_sigmas", True),
+                                       ("time_shift_type", "cubic"), ("_class_name", "DDIMScheduler")])
+def test_dynamic_shift_refuses_other_schedulers(key, value):
+    with pytest.raises(ValueError, match=key if key != "time_shift_type" else "cubic"):
+        schedules.DynamicShift.from_diffusers({**DYNAMIC_CONFIGS["qwen_image"], key: value}, "x/scheduler_config.json")
 
 
 def _sd15_ddim():
@@ -110,7 +137,7 @@ def np_flow_step(kind, v, x, t, t_next, t_safe, a):
 
 @pytest.mark.parametrize("kind,a", [("flow_grpo", 0.7), ("flow_grpo", 1.2), ("dance_grpo", 0.3), ("cps", 0.9)])
 def test_flow_step_mean_std_and_log_prob_match_numpy(kind, a):
-    schedule = schedules.flux_schedule(8, 1024)
+    schedule = schedules.shifted_schedule(8, 1024)
     x = RNG.standard_normal((3, 6, 4)).astype(np.float32)
     v = RNG.standard_normal((3, 6, 4)).astype(np.float32)
     step_fn = steps.STEP_FUNCTIONS[kind]
@@ -185,7 +212,7 @@ def _toy_rollout(sampler, schedule, window=None, batch=4, same=False, key=0):
 
 @pytest.mark.parametrize("sampler,schedule", [
     (steps.Sampler("flow_grpo", 0.7), schedules.sd3_schedule(6)),
-    (steps.Sampler("dance_grpo", 0.3), schedules.flux_schedule(6, 256)),
+    (steps.Sampler("dance_grpo", 0.3), schedules.shifted_schedule(6, 256)),
     (steps.Sampler("cps", 0.8), schedules.sd3_schedule(6)),
     (steps.Sampler("ddim", 1.0), schedules.ddim_schedule(6)),
 ])

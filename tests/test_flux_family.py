@@ -94,7 +94,7 @@ def run_ours(family, params, image, mask, noise, guidance: float):
             **family.prepare_condition(params, inputs), "guidance": jnp.full((BATCH,), guidance)}
     shape = family.latent_shape(SIZE, SIZE)
     schedule = family.schedule(STEPS, shape)
-    np.testing.assert_array_equal(schedule["sigma"], schedules.flux_schedule(STEPS, shape[0] * shape[1])["sigma"])
+    np.testing.assert_array_equal(schedule["sigma"], schedules.shifted_schedule(STEPS, shape[0] * shape[1])["sigma"])
     return euler_sample(family, params, cond, jnp.asarray(noise).reshape(BATCH, *shape), schedule), cond
 
 

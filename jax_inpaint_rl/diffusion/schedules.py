@@ -11,6 +11,7 @@ gather per-sample steps with `take_steps`:
 They match diffusers' FlowMatchEulerDiscreteScheduler and DDIMScheduler as the
 SD3 / Flux / SD1.5 pipelines configure them (tests compare them directly).
 """
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -24,16 +25,58 @@ def sd3_shift(sigma, shift: float):
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
-def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-            base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """Flux's resolution-dependent shift exponent, linear in the image token count."""
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return base_shift + slope * (image_seq_len - base_seq_len)
+@dataclasses.dataclass(frozen=True)
+class DynamicShift:
+    """A FlowMatchEulerDiscreteScheduler with use_dynamic_shifting (Flux, Qwen-Image): the shift exponent mu is
+    linear in the image token count, applied as an exponential (or linear) time shift, and with shift_terminal the
+    shifted sigmas are stretched so the last one equals it. Defaults: Flux.1's scheduler config."""
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    shift_terminal: float | None = None
+    time_shift: str = "exponential"  # or "linear"
+
+    def __post_init__(self):
+        if self.time_shift not in TIME_SHIFTS:
+            raise ValueError(f"time_shift_type={self.time_shift!r}: expected one of {TIME_SHIFTS}")
+
+    @classmethod
+    def from_diffusers(cls, config, source: str = "scheduler config") -> "DynamicShift":
+        """Read a scheduler_config.json dict; refuse a static shift or a setting that changes the sigmas otherwise,
+        naming it."""
+        problems = [f"{key}={config[key]!r} (supported: {value!r})" for key, value in DYNAMIC_SHIFT_ONLY.items()
+                    if config.get(key, value) != value]
+        if config.get("_class_name", FLOW_MATCH_EULER) != FLOW_MATCH_EULER:
+            problems.append(f"_class_name={config['_class_name']!r}, expected {FLOW_MATCH_EULER!r}")
+        if problems:
+            raise ValueError(f"{source}: unsupported scheduler settings: {', '.join(problems)}")
+        return cls(int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096)),
+                   float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15)),
+                   config.get("shift_terminal") or None, config.get("time_shift_type", "exponential"))
+
+    def mu(self, image_seq_len: int) -> float:
+        slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        return self.base_shift + slope * (image_seq_len - self.base_seq_len)
+
+    def sigmas(self, num_steps: int, image_seq_len: int) -> np.ndarray:
+        """The pipelines' linspace(1, 1/N, N), shifted by mu(image tokens) and stretched to shift_terminal."""
+        sigmas, mu = np.linspace(1.0, 1.0 / num_steps, num_steps), self.mu(image_seq_len)
+        if self.time_shift == "exponential":
+            sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+        else:
+            sigmas = mu / (mu + (1.0 / sigmas - 1.0))
+        if self.shift_terminal:
+            one_minus = 1.0 - sigmas
+            sigmas = 1.0 - one_minus * (1.0 - self.shift_terminal) / one_minus[-1]
+        return sigmas
 
 
-def flux_shift(sigma, mu: float):
-    """sigma' = e^mu / (e^mu + (1 / sigma - 1))."""
-    return math.exp(mu) / (math.exp(mu) + (1.0 / sigma - 1.0))
+FLOW_MATCH_EULER = "FlowMatchEulerDiscreteScheduler"
+TIME_SHIFTS = ("exponential", "linear")
+# scheduler settings that would change a dynamically shifted schedule, with the value that keeps it
+DYNAMIC_SHIFT_ONLY = {"use_dynamic_shifting": True, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                      "use_beta_sigmas": False, "invert_sigmas": False, "stochastic_sampling": False}
 
 
 def _flow_schedule(sigmas: np.ndarray) -> Schedule:
@@ -58,10 +101,9 @@ def sd3_schedule(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 
     return _flow_schedule(sd3_shift(sigmas, shift))
 
 
-def flux_schedule(num_steps: int, image_seq_len: int, **shift_kwargs) -> Schedule:
-    """Flux pipelines: sigmas linspace(1, 1/N, N), shifted by mu(image tokens)."""
-    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
-    return _flow_schedule(flux_shift(sigmas, flux_mu(image_seq_len, **shift_kwargs)))
+def shifted_schedule(num_steps: int, image_seq_len: int, shift: DynamicShift = DynamicShift()) -> Schedule:
+    """Flux and Qwen-Image pipelines: sigmas linspace(1, 1/N, N), shifted by the image token count."""
+    return _flow_schedule(shift.sigmas(num_steps, image_seq_len))
 
 
 def scaled_linear_alpha_bar(beta_start: float = 0.00085, beta_end: float = 0.012,

@@ -70,6 +70,8 @@ class Family:
     # the region to the source noised to the next step's time with the initial noise, and log-probs average over
     # the region alone (the rest is not sampled). Flow-matching schedules only. None: every latent is generated.
     paste_region: Callable[[Cond], tuple[Any, Any]] | None = None
+    # the negative prompt of guidances that need one (the pipelines' default: "" for SD1.5 / SD3, " " for Qwen-Image)
+    negative_prompt: str = ""
 
     def __post_init__(self):
         unknown = set(self.inputs) - set(INPUT_FIELDS)

@@ -39,7 +39,8 @@ def condition(run: Run, batch: dict) -> tuple[dict, dict]:
     family = run.family
     inputs = {name: np.asarray(batch[name], np.float32) for name in family.inputs}
     tokens = family.tokenize(batch["prompt"], inputs)
-    negative = family.tokenize([""] * len(batch["prompt"]), inputs) if family.guidance.needs_negative else {}
+    negative = ({} if not family.guidance.needs_negative
+               else family.tokenize([family.negative_prompt] * len(batch["prompt"]), inputs))
     embeddings = {name: np.asarray(value, np.float32) for name, value in batch.get("embeddings", {}).items()
                   if name in family.text_embeddings}
     tokens, negative, inputs, embeddings = run.shard((tokens, negative, inputs, embeddings))

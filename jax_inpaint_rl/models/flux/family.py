@@ -194,7 +194,7 @@ TENSOR_RULES = ((r"/(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|net_0_proj|
 
 def schedule(num_steps: int, latent_shape) -> schedules.Schedule:
     """The pipelines' sigmas, shifted by the image token count (the packed grid's area)."""
-    return schedules.flux_schedule(num_steps, image_seq_len=latent_shape[0] * latent_shape[1])
+    return schedules.shifted_schedule(num_steps, image_seq_len=latent_shape[0] * latent_shape[1])
 
 
 def make_family(modules: Modules, tokenize: Callable) -> Family:
