@@ -133,7 +133,7 @@ def tiny_version(config, output_dir):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_trains_with_a_tiny_model(recipe, tmp_path):
     config = tiny_version(load_recipe(recipe), tmp_path / recipe)
-    if recipe.startswith("sd3_"):  # the SD3 recipes run 2 epochs: the second samples with updated weights
+    if recipe.startswith(("sd3_", "qwen_")):  # 2 epochs: the second samples with updated weights
         config.train.num_epochs = 2
     if recipe == "sd3_inpaint_grpo":  # pasting from the noised source: 1 of the 2 steps, still on-policy
         config.sample.strength = 0.5
@@ -148,8 +148,25 @@ def test_recipe_trains_with_a_tiny_model(recipe, tmp_path):
     if config.train.method == "grpo":  # on-policy before the first update, up to the rounding of two programs
         lines = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
         assert [line for line in lines if "first_ratio_deviation" in line][0]["first_ratio_deviation"] < 1e-4
-    if recipe in ("flux_kontext_grpo", "flux_dev_grpo", "sd3_grpo"):
+    if recipe in ("flux_kontext_grpo", "flux_dev_grpo", "sd3_grpo", "qwen_edit_grpo"):
         _edit_and_generate_with(config.output_dir, tmp_path)
+
+
+@pytest.mark.parametrize("recipe", ["qwen_edit_grpo", "qwen_edit_nft", "qwen_edit_sft"])
+def test_qwen_edit_recipes_train_on_inpainting_triplets(recipe, tmp_path):
+    """The Qwen-Image-Edit recipes on (image, mask, prompt) triplets: the edit-inpaint family pastes the source
+    outside the mask, the run stays on-policy and exports."""
+    config = load_recipe(recipe)
+    config.model.family = "qwen_image_edit_inpaint"
+    config = tiny_version(config, tmp_path / recipe)
+    config.train.num_epochs = 2
+    runner = train.fit(config)
+    assert runner.family.paste_region is not None and "mask" in runner.loaders["train"].fields
+    assert np.isfinite(runner.summary["eval_reward_final"]) and int(runner.state["skipped"]) == 0
+    assert os.path.isdir(os.path.join(config.output_dir, "export", "denoiser"))
+    if config.train.method == "grpo":
+        lines = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
+        assert [line for line in lines if "first_ratio_deviation" in line][0]["first_ratio_deviation"] < 1e-4
 
 
 def _edit_and_generate_with(run_dir, tmp_path):

@@ -100,6 +100,10 @@ FAMILIES = {
     "calligrapher": "jax_inpaint_rl.models.calligrapher.family:build",
     "sd3": "jax_inpaint_rl.models.sd3.family:build",
     "sd3_inpaint": "jax_inpaint_rl.models.sd3.family:build",
+    "qwen_image_edit": "jax_inpaint_rl.models.qwen_image.family:build",
+    "qwen_image_edit_plus": "jax_inpaint_rl.models.qwen_image.family:build",
+    "qwen_image_edit_inpaint": "jax_inpaint_rl.models.qwen_image.family:build",
+    "qwen_image_inpaint": "jax_inpaint_rl.models.qwen_image.family:build",
 }
 
 

@@ -15,8 +15,9 @@ CONSTANT_LEAVES = {"bias": 0.0, "scale": 1.0}
 
 def leaf_std(name: str, shape: tuple[int, ...]) -> float:
     """The standard deviation of a random leaf's normal draw (leaves in CONSTANT_LEAVES are not drawn)."""
-    if name == "kernel":
-        return float(shape[-2] * (shape[0] * shape[1] if len(shape) == 4 else 1)) ** -0.5
+    if name == "kernel":  # fan-in: the input features times a conv's receptive field (2-D or 3-D)
+        area = int(np.prod(shape[:-2])) if len(shape) in (4, 5) else 1
+        return float(shape[-2] * area) ** -0.5
     return float(shape[-1]) ** -0.5
 
 

@@ -17,6 +17,9 @@ SUBCOMMANDS = {
     "export-calligrapher": "tools.convert_weights.calligrapher",
     "sd3": "tools.convert_weights.sd3_cli",
     "export-sd3": "tools.convert_weights.sd3_export",
+    "qwen-image-edit": "tools.convert_weights.qwen_image_cli",
+    "qwen-image": "tools.convert_weights.qwen_image_cli",
+    "export-qwen-image": "tools.convert_weights.qwen_image_export",
 }
 
 

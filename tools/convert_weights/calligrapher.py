@@ -268,7 +268,7 @@ def write_adapter(source: str, config: dict, tensors: Mapping, expected: Mapping
         matched = ((k, _numpy(v)) for k, v in tensors.items() if common._match(rules, k))
         flux.write_params(source, matched, rules, expected[name], stacks, flux.params_file(dst, name), dtype,
                           {"source": source}, prefix=f"{name}/")
-    flux._write_json(os.path.join(dst, "adapter", "config.json"), config)
+    flux.write_json(os.path.join(dst, "adapter", "config.json"), config)
 
 
 def adapter_expected_shapes(transformer_config: dict, adapter_config: dict) -> dict:
@@ -380,7 +380,7 @@ def convert(flux_src: str, adapter: str, dst: str, siglip_src: str | None = None
     if verify:
         print(f"verified adapter: {verify_adapter(adapter, dst, transformer_config, config)} tensors equal their "
               "source")
-    flux._write_json(os.path.join(dst, f"{NAME}.json"), {
+    flux.write_json(os.path.join(dst, f"{NAME}.json"), {
         "family": NAME, "dtype": dtype, "source": {"flux": os.path.abspath(flux_src), "adapter": os.path.abspath(
             adapter), "image_encoder": os.path.abspath(siglip_src or flux_src)}})
     from jax_inpaint_rl.models.calligrapher import family as calligrapher

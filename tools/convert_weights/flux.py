@@ -37,24 +37,30 @@ OUTPUT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16
 
 # --- stacked (scanned) layers ----------------------------------------------------------------------
 
+def stack_of(path: str, stacks: tuple[str, ...]) -> str | None:
+    """The scanned stack (a path prefix such as 'double_blocks' or 'language_model/layers') `path` lies in."""
+    return next((stack for stack in stacks if path.startswith(stack + "/")), None)
+
+
 def per_layer_shapes(stacked: Mapping[str, tuple[int, ...]], stacks: tuple[str, ...]) -> dict[str, tuple]:
     """{'double_blocks/attn/..': (L, a, b)} -> {'double_blocks/0/attn/..': (a, b), ...} for scanned stacks."""
     out = {}
     for path, shape in stacked.items():
-        stack, _, rest = path.partition("/")
-        if stack in stacks:
-            out.update({f"{stack}/{i}/{rest}": tuple(shape[1:]) for i in range(shape[0])})
-        else:
+        stack = stack_of(path, stacks)
+        if stack is None:
             out[path] = tuple(shape)
+        else:
+            rest = path[len(stack) + 1:]
+            out.update({f"{stack}/{i}/{rest}": tuple(shape[1:]) for i in range(shape[0])})
     return out
 
 
 def split_layer(path: str, stacks: tuple[str, ...]) -> tuple[str, int | None]:
     """'double_blocks/3/attn/to_q/kernel' -> ('double_blocks/attn/to_q/kernel', 3); unstacked -> (path, None)."""
-    stack, _, rest = path.partition("/")
-    if stack not in stacks:
+    stack = stack_of(path, stacks)
+    if stack is None:
         return path, None
-    index, _, rest = rest.partition("/")
+    index, _, rest = path[len(stack) + 1:].partition("/")
     return f"{stack}/{rest}", int(index)
 
 
@@ -233,7 +239,7 @@ def write_params(source: str, tensors, rules: list[Rule], stacked_shapes: Mappin
         raise
 
 
-def _write_json(path: str, data: Mapping) -> None:
+def write_json(path: str, data: Mapping) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(dict(data), f, indent=2, sort_keys=True)
@@ -345,7 +351,7 @@ def convert_component(component: Component, dst: str, name: str, dtype: str = "f
     write_params(component.source, component.tensors(), component.rules, component.shapes, component.stacks,
                  params_file(dst, name), OUTPUT_DTYPES[dtype], {"source": component.source,
                                                                 "layout": component.layout}, prefix=f"{name}/")
-    _write_json(os.path.join(dst, name, "config.json"), component.config)
+    write_json(os.path.join(dst, name, "config.json"), component.config)
 
 
 def verify_component(component: Component, dst: str, name: str) -> int:
@@ -375,14 +381,19 @@ def verify_written(source: str, tensors, rules, shapes: Mapping[str, tuple[int, 
 
 # --- export back to diffusers ----------------------------------------------------------------------
 
-def diffusers_transformer_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
-    """torch state-dict key -> shape of diffusers' FluxTransformer2DModel, built on the meta device."""
+def meta_shapes(model_class, config: Mapping) -> dict[str, tuple[int, ...]]:
+    """torch state-dict key -> shape of a diffusers model class built from `config` on the meta device."""
     import torch
-    from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(dict(config))
+        model = model_class.from_config(dict(config))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def diffusers_transformer_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
+    from diffusers import FluxTransformer2DModel
+
+    return meta_shapes(FluxTransformer2DModel, config)
 
 
 def export_transformer(folder: str, dst: str, dtype: str | None = None, write=None) -> None:
@@ -404,27 +415,38 @@ def export_transformer(folder: str, dst: str, dtype: str | None = None, write=No
 def write_diffusers_transformer(config: Mapping, leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                                 read: Callable[[str, int | None], np.ndarray], dst: str, dtype: str | None,
                                 source: str) -> None:
-    """Flax transformer params -> dst/config.json + dst/diffusion_pytorch_model.safetensors (diffusers' names).
+    """Flax Flux transformer params -> dst/config.json + dst/diffusion_pytorch_model.safetensors (see
+    `write_stacked_transformer`)."""
+    from jax_inpaint_rl.models.flux import transformer as flux_transformer
+
+    expected = shapes_of(flux_transformer.param_shapes(flux_transformer.FluxConfig.from_diffusers(config, source)))
+    write_stacked_transformer(diffusers_transformer_shapes(config), TRANSFORMER_RULES, TRANSFORMER_STACKS, expected,
+                              config, leaves, read, dst, dtype, source)
+
+
+def write_stacked_transformer(torch_shapes: Mapping[str, tuple[int, ...]], rules: list[Rule], stacks,
+                              expected: Mapping[str, tuple[int, ...]], config: Mapping,
+                              leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                              read: Callable[[str, int | None], np.ndarray], dst: str, dtype: str | None,
+                              source: str) -> None:
+    """Flax transformer params (blocks stacked per `stacks`) -> dst/config.json + dst/diffusion_pytorch_model.
+    safetensors under diffusers' names (`torch_shapes`, mapped by `rules`).
 
     `leaves` is {flax path: (shape, dtype)} of the stored (stacked) params and `read(path, layer)` one layer
-    of one of them (layer None: the whole array). Shapes and names are checked against the config before
+    of one of them (layer None: the whole array). Shapes and names are checked against `expected` before
     anything is written; leaves are visited one at a time, each layer written into its slot, so a reader that
     loads a whole leaf (orbax) keeps one leaf in memory. `dtype` None keeps the stored dtype (float32 when the
     leaves mix dtypes).
     """
-    from jax_inpaint_rl.models.flux import transformer as flux_transformer
-
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(OUTPUT_DTYPES)}")
-    torch_shapes = diffusers_transformer_shapes(config)
-    mapping, unknown = common.map_keys(TRANSFORMER_RULES, torch_shapes)
+    mapping, unknown = common.map_keys(rules, torch_shapes)
     if unknown:
         raise common.ConversionError(f"export: diffusers keys without a rule: {unknown}")
-    expected = shapes_of(flux_transformer.param_shapes(flux_transformer.FluxConfig.from_diffusers(config, source)))
     _check_leaves(source, leaves, expected)
     by_leaf: dict[str, list[tuple[int | None, str, Rule]]] = {}
     for torch_key, (flax_path, rule) in mapping.items():
-        key, index = split_layer(flax_path, TRANSFORMER_STACKS)
+        key, index = split_layer(flax_path, stacks)
         by_leaf.setdefault(key, []).append((index, torch_key, rule))
     stored = {np.dtype(d) for _, d in leaves.values()}
     out_dtype = OUTPUT_DTYPES[dtype] if dtype else (stored.pop() if len(stored) == 1 else np.float32)
@@ -438,7 +460,7 @@ def write_diffusers_transformer(config: Mapping, leaves: Mapping[str, tuple[tupl
     except BaseException:
         writer.abort()
         raise
-    _write_json(os.path.join(dst, "config.json"), config)
+    write_json(os.path.join(dst, "config.json"), config)
 
 
 def _check_leaves(source: str, leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]],
@@ -511,5 +533,5 @@ def finish_pipeline_folder(src: str, dst: str, name: str, dtype: str) -> None:
         if not os.path.isdir(os.path.join(src, folder)):
             raise FileNotFoundError(f"{src}: pipeline folder has no {folder}/")
         shutil.copytree(os.path.join(src, folder), os.path.join(dst, folder), dirs_exist_ok=True)
-    _write_json(os.path.join(dst, f"{name}.json"), {"family": name, "dtype": dtype, "source": os.path.abspath(src)})
+    write_json(os.path.join(dst, f"{name}.json"), {"family": name, "dtype": dtype, "source": os.path.abspath(src)})
     flux_family.folder_family(dst, name)  # raises unless the components fit the variant; (family, modules) unused

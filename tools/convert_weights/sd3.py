@@ -27,7 +27,6 @@ dtype's precision. Conversion streams one tensor at a time, as the Flux converte
 The tensor check (`check_tensors`) re-reads every source tensor and checks the written one equals it (after the
 dtype cast); the model check (sd3_verify.py) then runs torch and Flax on the same seeded inputs.
 """
-import json
 import os
 import shutil
 
@@ -163,7 +162,7 @@ def convert_transformer(component: Component, dst: str, dtype: str = "float32") 
     except BaseException:
         writer.abort()
         raise
-    write_json(os.path.join(dst, "transformer", "config.json"), component.config)
+    flux.write_json(os.path.join(dst, "transformer", "config.json"), component.config)
 
 
 def verify_transformer(component: Component, dst: str) -> int:
@@ -234,12 +233,6 @@ def pipeline_components(src: str) -> dict[str, Component]:
     return {name: folder_component(src, name) for name in names}
 
 
-def write_json(path: str, data) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(dict(data), f, indent=2, sort_keys=True)
-
-
 def convert_pipeline(src: str, dst: str, dtype: str = "float32", check_tensors: bool = False) -> dict[str, Component]:
     """A diffusers SD3 pipeline folder -> the output folder described in the module docstring.
 
@@ -272,4 +265,4 @@ def finish_folder(src: str, dst: str, dtype: str, t5: bool, marker: dict) -> Non
         if not os.path.isdir(os.path.join(src, folder)):
             raise FileNotFoundError(f"{src}: pipeline folder has no {folder}/")
         shutil.copytree(os.path.join(src, folder), os.path.join(dst, folder), dirs_exist_ok=True)
-    write_json(os.path.join(dst, f"{FAMILY}.json"), {"family": FAMILY, "dtype": dtype, **marker})
+    flux.write_json(os.path.join(dst, f"{FAMILY}.json"), {"family": FAMILY, "dtype": dtype, **marker})

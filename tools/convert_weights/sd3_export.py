@@ -31,14 +31,10 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def diffusers_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
-    """torch state-dict key -> shape of diffusers' SD3Transformer2DModel (the position table included), built on
-    the meta device."""
-    import torch
+    """diffusers' SD3Transformer2DModel state-dict shapes (the position table included)."""
     from diffusers import SD3Transformer2DModel
 
-    with torch.device("meta"):
-        model = SD3Transformer2DModel.from_config(dict(config))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return flux.meta_shapes(SD3Transformer2DModel, config)
 
 
 def write_diffusers_transformer(config: Mapping, leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]],
@@ -75,7 +71,7 @@ def write_diffusers_transformer(config: Mapping, leaves: Mapping[str, tuple[tupl
     except BaseException:
         writer.abort()
         raise
-    sd3.write_json(os.path.join(dst, "config.json"), config)
+    flux.write_json(os.path.join(dst, "config.json"), config)
 
 
 SD3 = flux_export.Exporter("SD3", "export-sd3", SD3_FAMILIES, write_diffusers_transformer)
