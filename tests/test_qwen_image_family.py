@@ -3,7 +3,8 @@ and Qwen2.5-VL, the byte-level BPE tokenizer of tests/qwen_fixtures.py, transfor
 converted by `python -m tools.convert_weights qwen-image-edit`'s code:
 - QwenImageEditPipeline (batch 2, uneven prompts, true CFG 4 with the norm rescale, 3 steps) and
   QwenImageEditPlusPipeline (its 384 x 384 condition image): prompt embeddings and latents;
-- QwenImageEditInpaintPipeline at strength 1 and 0.6 (the source pasted outside the mask after every step).
+- QwenImageEditInpaintPipeline and QwenImageInpaintPipeline (text to image) at strength 1 and 0.6 (the source
+  pasted outside the mask after every step).
 How the reference is built offline:
 - the processor: Qwen2_5_VLProcessor's class check refuses the PIL image processor and a missing video processor
   (torchvision is not installed), so it is built with `ProcessorMixin.check_argument_for_proper_class` replaced by a
@@ -184,21 +185,35 @@ def encode_with_the_mean(monkeypatch, module):
                         lambda out, generator=None, sample_mode="sample": original(out, generator, "argmax"))
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.6])
-def test_edit_inpaint_pipeline_parity(strength, pipeline_folder, monkeypatch):
-    """Our rollout (ODE sampler, the family's paste_region) against QwenImageEditInpaintPipeline's per-step paste
-    of the re-noised source; outside the mask the result is the source's latents. At strength 0.6 both run the
-    last 2 of 3 steps from the source noised with the pipeline's seeded draw (at strength 1, that draw is the
-    initial noise). The pipeline's own `latents` argument fails in diffusers 0.42 (prepare_latents returns one
-    value where three are unpacked), so the draw always comes from its seeded generator."""
-    from diffusers import QwenImageEditInpaintPipeline
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as module
+INPAINT_PIPELINES = {  # variant -> (diffusers pipeline, its module, reads the processor)
+    "qwen_image_edit_inpaint": ("QwenImageEditInpaintPipeline", "pipeline_qwenimage_edit_inpaint", True),
+    "qwen_image_inpaint": ("QwenImageInpaintPipeline", "pipeline_qwenimage_inpaint", False),
+}
 
+
+@pytest.mark.parametrize("variant", sorted(INPAINT_PIPELINES))
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpaint_pipelines_parity(variant, strength, pipeline_folder, monkeypatch):
+    """Our rollout (ODE sampler, the family's paste_region) against QwenImageEditInpaintPipeline's and
+    QwenImageInpaintPipeline's per-step paste of the re-noised source; outside the mask the result is the
+    source's latents. At strength 0.6 both run the last 2 of 3 steps from the source noised with the pipeline's
+    seeded draw (at strength 1, that draw is the initial noise). The pipelines' own `latents` argument fails in
+    diffusers 0.42 (prepare_latents returns one value where three are unpacked), so the draw always comes from
+    their seeded generator."""
+    import importlib
+
+    import diffusers
+
+    pipeline_class, module_name, reads_processor = INPAINT_PIPELINES[variant]
+    module = importlib.import_module(f"diffusers.pipelines.qwenimage.{module_name}")
     components, _, converted = pipeline_folder
-    small_dimensions(monkeypatch, module)
+    if reads_processor:
+        small_dimensions(monkeypatch, module)
+    else:
+        components = {k: v for k, v in components.items() if k != "processor"}
     encode_with_the_mean(monkeypatch, module)
-    pipe = QwenImageEditInpaintPipeline(**components)
-    family, params = qwen.load(converted, "qwen_image_edit_inpaint")
+    pipe = getattr(diffusers, pipeline_class)(**components)
+    family, params = qwen.load(converted, variant)
     images, masks = examples(2)
     cond, _ = encode(family, params, PROMPTS, images, masks)
     schedule = schedules.from_strength(family.schedule(STEPS, packed_noise(2).shape[1:]), strength)
@@ -215,7 +230,8 @@ def test_edit_inpaint_pipeline_parity(strength, pipeline_folder, monkeypatch):
     with torch.no_grad():
         ref = pipe(image=[Image.fromarray(i) for i in images], mask_image=[Image.fromarray(m) for m in masks],
                    prompt=PROMPTS, negative_prompt=[" "] * 2, true_cfg_scale=SCALE, num_inference_steps=STEPS,
-                   strength=strength, output_type="latent", generator=torch.Generator().manual_seed(0)).images.numpy()
+                   height=SIDE, width=SIDE, strength=strength, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images.numpy()
     assert relative_error(np.asarray(flux.tokens(jnp.asarray(got))), ref) <= TOLERANCE
     region, source = (np.asarray(a) for a in family.paste_region(cond["positive"]))
     outside = region == 0
