@@ -19,9 +19,10 @@ from jax_inpaint_rl.data.loader import prepare
 from jax_inpaint_rl.report import to_uint8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the Calligrapher recipes train with this file's tiny_version in test_calligrapher_recipes.py (with their exports)
+# the Calligrapher recipes train with this file's tiny_version in test_calligrapher_recipes.py (with their exports);
+# the VLM policy's recipe (its own policy kind, not a denoiser run) in test_vlm_policy_loop.py
 RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                 if os.path.basename(p) not in ("__init__.py", "base.py")
+                 if os.path.basename(p) not in ("__init__.py", "base.py", "qwen_edit_vlm_grpo.py")
                  and not os.path.basename(p).startswith("calligrapher_"))
 RES, EXAMPLES = 32, 4
 

@@ -307,11 +307,12 @@ def build_modules(variant: str, transformer: QwenImageConfig, vae: vae_lib.QwenV
                    vl_lib.QwenVL(vlm, dtype, remat=remat), processor, shift, prompt_tokens, drop)
 
 
-def param_shapes(modules: Modules):
-    """Every component's parameter tree as jax.ShapeDtypeStruct (traced, never allocated)."""
+def param_shapes(modules: Modules, lm_head: bool = False):
+    """Every component's parameter tree as jax.ShapeDtypeStruct (traced, never allocated); `lm_head`: the text
+    encoder with its language-model head (the VLM policy's logits; the DiT's conditioning needs none)."""
     return {"transformer": qwen_transformer.param_shapes(modules.transformer.config),
             "vae": vae_lib.param_shapes(modules.vae.config),
-            "text_encoder": vl_lib.param_shapes(modules.vlm.config)}
+            "text_encoder": vl_lib.param_shapes(modules.vlm.config, lm_head)}
 
 
 # --- building from a converted folder or from scratch -------------------------------------------------
@@ -341,14 +342,22 @@ def folder_family(model_dir: str, name: str = "qwen_image_edit", dtype: Any = "f
         path("tokenizer"))))), modules
 
 
-def load(model_dir: str, name: str = "qwen_image_edit", dtype: Any = "float32", remat: bool = False):
-    """(Family, params) from a folder written by `python -m tools.convert_weights qwen-image`, every shape checked
-    against the folder's configs."""
+def load(model_dir: str, name: str = "qwen_image_edit", dtype: Any = "float32", remat: bool = False,
+         lm_head: bool = False):
+    """(Family, params) from a folder written by `python -m tools.convert_weights qwen-image-edit`, every shape
+    checked against the folder's configs (with `lm_head`, the folder was converted with --lm-head)."""
+    family, _, params = load_modules(model_dir, name, dtype, remat, lm_head)
+    return family, params
+
+
+def load_modules(model_dir: str, name: str = "qwen_image_edit", dtype: Any = "float32", remat: bool = False,
+                 lm_head: bool = False) -> tuple[Family, Modules, dict]:
+    """`load`, with the modules (the VLM policy runs the text encoder's module beyond the family's functions)."""
     family, modules = folder_family(model_dir, name, dtype, remat)
     params_dir = os.path.join(model_dir, "params")
     params = load_params(params_dir)
-    check_shapes(params_dir, params, param_shapes(modules))
-    return family, params
+    check_shapes(params_dir, params, param_shapes(modules, lm_head))
+    return family, modules, params
 
 
 # --- the tiny family ----------------------------------------------------------------------------------------
@@ -410,10 +419,12 @@ def tiny_modules(name: str = "qwen_image_edit", dtype: Any = "float32", remat: b
                          dtype, remat, TINY_PROMPT_TOKENS, tiny_drop(name), source="tiny")
 
 
-def tiny(name: str = "qwen_image_edit", seed: int = 0, dtype: Any = "float32", remat: bool = False):
-    """(Family, params) of a tiny random Qwen-Image family, built in JAX."""
+def tiny(name: str = "qwen_image_edit", seed: int = 0, dtype: Any = "float32", remat: bool = False,
+         lm_head: bool = False):
+    """(Family, params) of a tiny random Qwen-Image family, built in JAX (`lm_head`: the VLM's head too)."""
     modules = tiny_modules(name, dtype, remat)
-    return make_family(modules, make_tokenize(modules, tiny_encode_texts)), random_params(param_shapes(modules), seed)
+    return (make_family(modules, make_tokenize(modules, tiny_encode_texts)),
+            random_params(param_shapes(modules, lm_head), seed))
 
 
 def build(name: str, *, path: str | None, seed: int = 0, dtype: Any = "float32", remat: bool = False,
