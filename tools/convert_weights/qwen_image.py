@@ -5,7 +5,7 @@ Output, as the Flux and SD3 converters write it:
   params/transformer.safetensors    keys 'transformer/<flax path>'; the blocks stacked on a leading axis
                                     (transformer/transformer_blocks/attn/to_q/kernel: (num_layers, in, out))
   params/vae.safetensors            (qwen_image_vae.py)
-  params/text_encoder.safetensors   Qwen2.5-VL without its lm_head (qwen_vl.py)
+  params/text_encoder.safetensors   Qwen2.5-VL, its lm_head only with lm_head=True (qwen_vl.py)
   <component>/config.json           the sources' configs
   tokenizer/, processor/ (edit folders), scheduler/   copied
   qwen_image.json                   {"family": "qwen_image", "dtype", "source"}
@@ -70,15 +70,18 @@ CONVERTERS = {NAME: (convert_transformer, verify_transformer),
               qwen_vl.NAME: (qwen_vl.convert_text_encoder, qwen_vl.verify_text_encoder)}
 
 
-def convert_pipeline(src: str, dst: str, dtype: str = "float32", check_tensors: bool = False) -> dict[str, Component]:
+def convert_pipeline(src: str, dst: str, dtype: str = "float32", check_tensors: bool = False,
+                     lm_head: bool = False) -> dict[str, Component]:
     """A diffusers Qwen-Image pipeline folder -> the output folder described in the module docstring;
-    `check_tensors`: after writing each component, re-read its source and compare. Returns the components."""
+    `check_tensors`: after writing each component, re-read its source and compare; `lm_head`: the text encoder's
+    lm_head too (the VLM policy's logits). Returns the components."""
     missing = [f"{folder}/" for folder in (*CONVERTERS, *COPIED) if not os.path.isdir(os.path.join(src, folder))]
     if missing:
         raise FileNotFoundError(f"{src}: not a diffusers Qwen-Image pipeline folder: missing {', '.join(missing)}")
     components = {}
     for name, (convert, verify) in CONVERTERS.items():
-        components[name] = convert(os.path.join(src, name), dst, dtype)
+        extra = {"lm_head": lm_head} if name == qwen_vl.NAME else {}
+        components[name] = convert(os.path.join(src, name), dst, dtype, **extra)
         if check_tensors:
             print(f"verified {name}: {verify(components[name], dst)} tensors equal their source")
     for folder in COPIED + ((PROCESSOR,) if os.path.isdir(os.path.join(src, PROCESSOR)) else ()):

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import tempfile
-import time
 
 import flax.linen as nn
 import jax
@@ -170,21 +169,5 @@ CHECKS = {"transformer": check_transformer, "vae": check_vae,
 
 
 def check_models(components: dict[str, Component], dst: str, tolerance: float = flux.VERIFY_TOLERANCE) -> list[Result]:
-    """Run the check of every converted component that has one, print the report, raise
-    `flux_verify.VerificationError` above `tolerance`."""
-    checked = [name for name in components if name in CHECKS]
-    print(fv.describe_setup({name: fv.ConvertedParams(dst, name).dtype for name in checked}))
-    results = []
-    with jax.default_matmul_precision("highest"):
-        for name in checked:
-            start = time.perf_counter()
-            found = CHECKS[name](components[name], dst)
-            fv.report(found, time.perf_counter() - start)
-            results += found
-    for name in sorted(set(components) - set(CHECKS)):
-        print(f"{name:15s} tensor check only")
-    failed = [r for r in results if not r.rel_error <= tolerance]  # NaN fails too
-    if failed:
-        raise fv.VerificationError(f"{dst}: model check failed (relative error above {tolerance:.0e}): " + ", ".join(
-            f"{r.component} {r.piece} ({r.rel_error:.2e})" for r in failed))
-    return results
+    """flux_verify.check_models with SD3's checks (the T5 gets the tensor check only)."""
+    return fv.check_models(components, dst, tolerance, CHECKS)
