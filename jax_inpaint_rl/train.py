@@ -21,6 +21,7 @@ from tqdm import tqdm
 from jax_inpaint_rl import report
 from jax_inpaint_rl.checkpoint.export import write_export
 from jax_inpaint_rl.parallel import mesh as mesh_lib
+from jax_inpaint_rl.registry import resolve
 from jax_inpaint_rl.trainer import autoencoder, checkpoints, collect, update
 from jax_inpaint_rl.trainer.evaluate import evaluate
 from jax_inpaint_rl.trainer.run import Run, build
@@ -131,9 +132,17 @@ def finish(run: Run) -> None:
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py", lock_config=True)
 
 
+# config.policy_kind -> the loop that trains that kind of policy ("module:function" of the config); a config
+# without one trains a family's denoiser with `fit` below
+POLICY_KINDS = {"vlm": "jax_inpaint_rl.vlm_policy.loop:main"}
+
+
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # progress is tqdm; orbax logs every save at INFO
+    if "policy_kind" in _CONFIG.value:
+        resolve(_CONFIG.value.policy_kind, POLICY_KINDS, "policy_kind")(_CONFIG.value)
+        return
     mesh_lib.initialize_distributed(_CONFIG.value.distributed)
     try:
         print(json.dumps(fit(_CONFIG.value).summary, indent=2))

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from configs import qwen_edit_vlm_grpo
+from jax_inpaint_rl import train
+from jax_inpaint_rl.registry import resolve
 from jax_inpaint_rl.vlm_policy import loop
 from tests.test_rewards_vlm import Stub
 
@@ -39,12 +41,16 @@ def rate(body, n):
     return 200, json.dumps({"score": zlib.crc32(url.encode()) % 11, "reason": "stub"})
 
 
-def test_two_tiny_epochs_with_a_stub_judge(tmp_path):
+def test_two_tiny_epochs_with_a_stub_judge(tmp_path, capsys):
+    """Through train.py's policy kinds, as `python -m jax_inpaint_rl.train --config=...` runs the recipe."""
     stub = Stub(rate)
+    config = tiny_config(tmp_path, stub.url)
     try:
-        runner = loop.fit(tiny_config(tmp_path, stub.url))
+        runner = resolve(config.policy_kind, train.POLICY_KINDS, "policy_kind")(config)
     finally:
         stub.stop()
+    out = capsys.readouterr().out
+    assert json.loads(out[out.rindex("\n{") + 1 if "\n{" in out else out.index("{"):]) == runner.history[-1]
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [0, 1] and lines == runner.history
     assert len(stub.requests) == 2 * 2 * 6  # 2 epochs x 2 aspects x 6 images

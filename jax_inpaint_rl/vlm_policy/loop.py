@@ -179,3 +179,11 @@ def fit(config) -> Runner:
         checkpointer.close()
         train.close()
     return Runner(trainable, opt_state, history)
+
+
+def main(config) -> Runner:
+    """`python -m jax_inpaint_rl.train --config=...` with policy_kind='vlm' (train.POLICY_KINDS): train, then
+    print the last epoch's record."""
+    runner = fit(config)
+    print(json.dumps(runner.history[-1] if runner.history else {}, indent=2))
+    return runner
