@@ -19,7 +19,7 @@ def get_config():
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "qwen_image_edit_plus"  # "Picture 1: <image>" + instruction in the user turn, as the seed
-    c.model.path = ""  # tools.convert_weights qwen-image-edit with the VLM's lm_head converted; "" = tiny model
+    c.model.path = ""  # tools.convert_weights qwen-image-edit --lm-head (the policy needs its logits); "" = tiny
     c.model.param_dtype = "bfloat16"  # frozen DiT, VAE and VLM; the LoRA tree stays float32
     c.model.compute_dtype = "bfloat16"
 
@@ -67,8 +67,10 @@ def get_config():
 
     c.reward = ml_collections.ConfigDict()
     c.reward.factory = "jax_inpaint_rl.vlm_policy.judge:make_judge"
+    # the judge's rubric (0.6 instruction following + 0.4 quality); identity_weight > 0 mixes in preservation of the
+    # source (1 - mean |edited - source|), which the seed does not
     c.reward.config = ml_collections.ConfigDict({"base_url": "http://127.0.0.1:8000/v1", "model": "gpt-4o",
-                                                 "max_concurrency": 16, "max_retries": 3})
+                                                 "max_concurrency": 16, "max_retries": 3, "identity_weight": 0.0})
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.interval = 50  # epochs; 0 = never
