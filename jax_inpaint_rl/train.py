@@ -7,11 +7,13 @@ through one jitted accumulation and optimizer step, and lets the algorithm
 update its own state (NFT's old params). The loop never asks which family or
 algorithm it runs.
 """
+import dataclasses
 import json
 import os
 import signal
 import sys
 import time
+from typing import Callable
 
 import jax
 from absl import app, flags, logging
@@ -22,11 +24,24 @@ from jax_inpaint_rl import report
 from jax_inpaint_rl.checkpoint.export import write_export
 from jax_inpaint_rl.parallel import mesh as mesh_lib
 from jax_inpaint_rl.registry import resolve
-from jax_inpaint_rl.trainer import autoencoder, checkpoints, collect, update
+from jax_inpaint_rl.trainer import autoencoder, checkpoints, collect, control, update
 from jax_inpaint_rl.trainer.evaluate import evaluate
 from jax_inpaint_rl.trainer.run import Run, build
 
-WARMUP_LOG_EVERY = 25  # warm-up steps between metric reads (the host waits for the device only then)
+WARMUP_LOG_EVERY = 25  # SFT steps between metric reads (the host waits for the device only then)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    name: str  # run.phase while it runs (metrics lines, checkpoints and wall times name it)
+    run: Callable[[Run], None]  # does the phase from run.phase_step on
+
+
+def phases(config) -> list[Phase]:
+    """The run's phases in order: autoencoder fit (tiny models), SFT warm-up and its held-out evaluation, RL, and
+    with train.sft_control the control arm (SFT from the warm-up's end for as many optimizer steps as RL took)."""
+    plan = [Phase("autoencoder", autoencoder.fit), Phase("warmup", warm_up), Phase("rl", train_epochs)]
+    return plan + [Phase("control", control_arm)] * bool(config.train.get("sft_control", False))
 
 
 def fit(config, **pieces) -> Run:
@@ -37,18 +52,15 @@ def fit(config, **pieces) -> Run:
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(run, "stop_requested", True))
     try:
         checkpoints.resume(run)
-        if run.phase == "autoencoder":
-            autoencoder.fit(run)
-            run.phase, run.phase_step = "warmup", 0
-        if run.phase == "warmup":
-            warm_up(run)
-            run.phase, run.phase_step = "rl", 0
-        if "eval_reward_after_warmup" not in run.summary:
-            run.summary["eval_reward_after_warmup"] = evaluate(run, "after_warmup")
-            run.history.append({"step": int(run.state["step"]), "eval_reward": run.summary["eval_reward_after_warmup"]})
-        train_epochs(run)
-        run.summary["eval_reward_final"] = next((h["eval_reward"] for h in reversed(run.history)
-                                                 if "eval_reward" in h), float("nan"))
+        plan = phases(run.config)
+        names = [phase.name for phase in plan]
+        for index in range(names.index(run.phase), len(plan)):
+            start = time.time()
+            plan[index].run(run)
+            wall_times = run.summary.setdefault("wall_time_s", {})
+            wall_times[run.phase] = wall_times.get(run.phase, 0.0) + time.time() - start
+            if index + 1 < len(plan):
+                run.phase, run.phase_step = names[index + 1], 0
         finish(run)
         return run
     except update.NonFiniteUpdates as error:  # the state now produces them: it is not saved
@@ -63,7 +75,9 @@ def fit(config, **pieces) -> Run:
 
 
 def train_epochs(run: Run) -> None:
-    """Epochs until train.num_epochs or train.max_train_steps; evaluate, log and save on schedule."""
+    """Epochs until train.num_epochs or train.max_train_steps; evaluate, log and save on schedule. The last
+    evaluation is the run's result (summary: eval_reward_final, eval_after_rl) and RL's optimizer steps the
+    control arm's length."""
     c = run.config
     for epoch in tqdm(range(run.epoch, c.train.num_epochs), desc="epochs", initial=run.epoch,
                       total=c.train.num_epochs):
@@ -76,16 +90,22 @@ def train_epochs(run: Run) -> None:
         run.epoch = run.phase_step = epoch + 1
         step = int(run.state["step"])
         last = run.epoch == c.train.num_epochs or 0 < c.train.max_train_steps <= step
+        entry = {"step": step, "phase": "rl", "arm_step": step - run.summary["warmup_end_step"]}
+        if "reward_mean" in record:
+            entry["reward_mean"] = float(record["reward_mean"])
         if run.epoch % c.eval.interval == 0 or last:
-            record["eval_reward"] = evaluate(run, f"epoch{run.epoch:04d}")
-        run.history.append({"step": step, **{k: float(v) for k, v in record.items()
-                                             if k in ("reward_mean", "eval_reward")}})
+            entry["eval"] = evaluate(run, "after_rl" if last else f"epoch{run.epoch:04d}")
+            record["eval_reward"] = entry["eval_reward"] = entry["eval"]["reward"]
+        run.history.append(entry)
         run.log.write(step, record, phase="rl")
         if checkpoints.due(run, step) or last:
             checkpoints.save(run)
         if last:
             break
         checkpoints.stop_if_requested(run)
+    latest = next(h for h in reversed(run.history) if "eval_reward" in h)  # the warm-up's without RL epochs
+    run.summary.update(eval_reward_final=latest["eval_reward"], eval_after_rl=latest["eval"],
+                       rl_optimizer_steps=int(run.state["step"]) - run.summary["warmup_end_step"])
 
 
 def one_epoch(run: Run) -> dict:
@@ -100,25 +120,70 @@ def one_epoch(run: Run) -> dict:
 
 
 def warm_up(run: Run) -> None:
-    """train.warmup_steps SFT optimizer steps toward the dataset's targets before RL, from run.phase_step."""
-    steps, every = run.config.train.warmup_steps, run.config.train.gradient_accumulation_steps
+    """train.warmup_steps SFT optimizer steps toward the dataset's targets, then the held-out evaluation RL (and
+    the control arm) start from. RL starts there: the algorithm's frozen copies (NFT's old params, a reference)
+    are the warm-up's params, and the warm-up's end is kept where the run has a control arm."""
+    sft_steps(run, run.config.train.warmup_steps, "warmup")
+    run.state = {**run.state, **{slot: control.copied(run.state["params"]) for slot in run.algorithm.slots}}
+    run.summary["warmup_end_step"] = int(run.state["step"])
+    scores = evaluate(run, "after_warmup")
+    run.summary.update(eval_reward_after_warmup=scores["reward"], eval_after_warmup=scores)
+    run.history.append({"step": int(run.state["step"]), "phase": "warmup", "arm_step": 0,
+                        "eval_reward": scores["reward"], "eval": scores})
+    run.state = control.kept(run.state)
+
+
+def sft_steps(run: Run, steps: int, prefix: str, on_step: Callable[[Run], None] = lambda run: None) -> None:
+    """SFT optimizer steps (run.warmup's objective on dataset batches) from run.phase_step to `steps`, logged as
+    '<prefix>/<metric>' every WARMUP_LOG_EVERY steps; `on_step` runs after each (the control's evaluations)."""
+    every = run.config.train.gradient_accumulation_steps
     pending, first_step = [], int(run.state["step"]) - run.phase_step
-    for number in tqdm(range(run.phase_step, steps), desc="SFT warm-up", initial=run.phase_step, total=steps,
+    for number in tqdm(range(run.phase_step, steps), desc=f"SFT {prefix}", initial=run.phase_step, total=steps,
                        disable=steps == 0):
         pending += update.train(run, run.warmup, collect.dataset(run, every), run.next_key())
         run.phase_step = number + 1
-        due = checkpoints.due(run, first_step + run.phase_step)  # one optimizer step per warm-up step
+        due = checkpoints.due(run, first_step + run.phase_step)  # one optimizer step per SFT step
         if run.phase_step % WARMUP_LOG_EVERY == 0 or run.phase_step == steps or run.stop_requested or due:
             metrics = update.settle(run, run.warmup, pending)
-            run.log.write(int(run.state["step"]), {f"warmup/{k}": v for k, v in metrics.items()}, phase="warmup")
+            run.log.write(int(run.state["step"]), {f"{prefix}/{k}": v for k, v in metrics.items()}, phase=run.phase)
             pending = []
+        on_step(run)
         if due:
             checkpoints.save(run)
         checkpoints.stop_if_requested(run)
 
 
+def control_arm(run: Run) -> None:
+    """From the warm-up's end (params, optimizer state, EMA), SFT for RL's number of optimizer steps, evaluated
+    at the steps where RL was; then RL's trees are swapped back (the export is RL's) and the comparison grid of
+    the arms is drawn."""
+    steps = run.summary["rl_optimizer_steps"]
+    if run.phase_step == 0:
+        run.state = control.swapped(run.state)  # the warm-up's end in, RL's end into the slot
+    rl_evaluated = {h["arm_step"] for h in run.history if h["phase"] == "rl" and "eval_reward" in h} - {steps}
+
+    def evaluate_where_rl_did(run: Run) -> None:
+        if run.phase_step in rl_evaluated:
+            scores = evaluate(run, f"control{run.phase_step:05d}")
+            run.history.append({"step": int(run.state["step"]), "phase": "control", "arm_step": run.phase_step,
+                                "eval_reward": scores["reward"], "eval": scores})
+
+    sft_steps(run, steps, "control", on_step=evaluate_where_rl_did)
+    scores = evaluate(run, "after_control")
+    run.summary.update(eval_reward_after_control=scores["reward"], eval_after_control=scores)
+    run.history.append({"step": int(run.state["step"]), "phase": "control", "arm_step": steps,
+                        "eval_reward": scores["reward"], "eval": scores})
+    run.state = control.swapped(run.state)
+    if jax.process_index() == 0:
+        arms = {"after warm-up": "eval_after_warmup", "after RL": "eval_after_rl", "SFT control": "eval_after_control"}
+        report.save_comparison(os.path.join(run.config.output_dir, "comparison.png"),
+                               {label: os.path.join(run.config.output_dir, run.summary[key]["results"])
+                                for label, key in arms.items()})
+
+
 def finish(run: Run) -> None:
-    """The inference export (merged denoiser and EMA), the reward curve and summary.json."""
+    """The inference export (merged denoiser and EMA; RL's, not the control's), the reward curve and
+    summary.json."""
     c = run.config
     merge = jax.jit(run.merge)
     merged = {name: merge(run.denoiser_base, run.state[name]) for name in ("params", "ema") if name in run.state}
@@ -145,7 +210,9 @@ def main(argv) -> None:
         return
     mesh_lib.initialize_distributed(_CONFIG.value.distributed)
     try:
-        print(json.dumps(fit(_CONFIG.value).summary, indent=2))
+        summary = fit(_CONFIG.value).summary
+        print(json.dumps(summary, indent=2))
+        print(report.arms_table(summary))
     except checkpoints.Stopped as stopped:
         logging.warning("%s", stopped)
         sys.exit(checkpoints.STOPPED_EXIT_STATUS)

@@ -202,8 +202,8 @@ def test_data_without_targets_trains_rl_and_refuses_sft(tmp_path):
     from PIL import Image
 
     grid = Image.open(os.path.join(tmp_path / "grpo", "eval_after_warmup.png"))
-    columns, pad, scale = 3, 2, 256 // RES  # source | mask | result, as report.save_grid lays them out
-    assert grid.size[0] == (columns * (RES + pad) + pad) * scale
+    columns, cell = 2, report.CELL // RES * RES  # source with the mask outlined | result (report.save_grid)
+    assert grid.size[0] == columns * (cell + report.PAD) + report.PAD
     for method, overrides, who in [("sft", {}, "train.method='sft' needs it"),
                                    ("grpo", {"train__warmup_steps": 2}, "SFT warm-up"),
                                    ("grpo_one_step", {}, "train.method='grpo_one_step' needs it")]:

@@ -21,6 +21,7 @@ _BUILTIN = {
     "preservation": "jax_inpaint_rl.rewards.inpaint_scores:make_preservation",
     "reference_similarity": "jax_inpaint_rl.rewards.inpaint_scores:make_reference_similarity",
     "seam": "jax_inpaint_rl.rewards.inpaint_scores:make_seam",
+    "shape_fill": "jax_inpaint_rl.rewards.shape_fill:make_shape_fill",
     "region": "jax_inpaint_rl.rewards.inpaint_scores:make_region_only",
     "remote": "jax_inpaint_rl.rewards.remote:make_remote_reward",
     "geneval": "jax_inpaint_rl.rewards.geneval:make_geneval_reward",

@@ -1,5 +1,6 @@
-"""Evaluation: deterministic samples on the held-out set, their mean reward, and a PNG grid of the columns
-the data has (source | mask | result | target)."""
+"""Evaluation: deterministic samples on the held-out set, the means of their reward and of every part the
+rewards report, a PNG grid (the source with the mask outlined | result | target, the prompt under each row)
+and the grid's rows as arrays (for the comparison of a run's arms, report.save_comparison)."""
 import os
 
 import jax
@@ -14,29 +15,24 @@ from jax_inpaint_rl.trainer.run import Run
 EVAL_NOISE_SEED_OFFSET = 7919  # the same initial noise at every evaluation of a run
 
 
-def grid_row(batch: dict, index: int, result: np.ndarray) -> tuple[list[np.ndarray], list[str]]:
-    """One example's grid cells and their titles, for the fields this data has."""
-    cells, titles = [], []
-    if "image" in batch:
-        cells.append(report.to_uint8(batch["image"][index]))
-        titles.append("source")
-    if "mask" in batch:
-        cells.append(report.to_uint8(batch["mask"][index] * 2 - 1))
-        titles.append("mask")
-    cells.append(result)
-    titles.append("result")
-    if "target" in batch:
-        cells.append(report.to_uint8(batch["target"][index]))
-        titles.append("target")
-    return cells, titles
+def grid_fields(batch: dict, index: int, result: np.ndarray, score: float) -> dict:
+    """One example's grid fields as uint8 images (those the data has), its prompt and its result's reward."""
+    fields = {"prompt": batch["prompt"][index], "result": result, "score": score}
+    for name in ("image", "mask", "target"):
+        if name in batch:
+            value = batch[name][index]
+            fields[name] = report.to_uint8(value * 2 - 1 if name == "mask" else value)
+    return fields
 
 
-def evaluate(run: Run, tag: str) -> float:
-    """Mean reward of deterministic samples (EMA params when kept) over the held-out set; writes eval_<tag>.png."""
+def evaluate(run: Run, tag: str) -> dict:
+    """Means over the held-out set (EMA params when kept): 'reward' and every reward part ('<name>/<key>'),
+    with 'examples' (how many were scored); writes eval_<tag>.png and eval_<tag>.npz (the grid's rows), named
+    in 'grid' and 'results'."""
     config, loader = run.config, run.loaders["eval"]
     params = run.state["ema"] if "ema" in run.state else run.state["params"]
     window = np.zeros(schedules.kept_steps(config.sample.eval_num_steps, config.sample.strength), np.float32)
-    scores, rows, titles = [], [], []
+    parts, rows = [], []
     for index in range(loader.steps_per_epoch):
         batch = loader.batch_at(0, index)
         cond, inputs = condition(run, batch)
@@ -46,11 +42,14 @@ def evaluate(run: Run, tag: str) -> float:
                                             jax.random.key(0), window)
         images = host_images(run, clean, inputs)
         result = run.rewards(images, batch["prompt"], reward_meta(batch, group_size=1))
-        valid = np.asarray(batch.get("valid", np.ones(len(images), bool))) & (result["valid"] > 0)
-        scores.append(mesh_lib.all_hosts(result["score"])[mesh_lib.all_hosts(valid)])
+        valid = mesh_lib.all_hosts(np.asarray(batch.get("valid", np.ones(len(images), bool))) & (result["valid"] > 0))
+        parts.append({name: mesh_lib.all_hosts(value)[valid] for name, value in result.items() if name != "valid"})
         for i in range(min(len(images), config.eval.num_grid - len(rows))):
-            cells, titles = grid_row(batch, i, images[i])
-            rows.append(cells)
+            rows.append(grid_fields(batch, i, images[i], float(result["score"][i])))
+    means = {name: float(np.concatenate([p[name] for p in parts]).mean()) for name in parts[0]}
+    summary = {"reward": means.pop("score"), **means, "examples": int(sum(len(p["score"]) for p in parts)),
+               "grid": f"eval_{tag}.png", "results": f"eval_{tag}.npz"}
     if jax.process_index() == 0 and rows:
-        report.save_grid(os.path.join(config.output_dir, f"eval_{tag}.png"), rows, titles)
-    return float(np.concatenate(scores).mean())
+        report.save_results(os.path.join(config.output_dir, summary["results"]), rows)
+        report.save_eval_grid(os.path.join(config.output_dir, summary["grid"]), rows)
+    return summary

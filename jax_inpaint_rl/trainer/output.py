@@ -15,9 +15,9 @@ LOCK_FILE = ".lock"
 # what may differ between a run and its resume: nothing here changes the train state's structure, the data
 # order or what the trained parameters mean
 RESUMABLE = ("output_dir", "train.num_epochs", "train.max_train_steps", "train.max_nonfinite_steps",
-             "train.learning_rate", "train.warmup_steps", "train.autoencoder_steps", "model.path", "model.remat",
-             "model.offload_text_encoders", "sample.eval_num_steps", "data.eval_path", "data.num_eval_examples",
-             "reward.", "eval.", "checkpoint.", "mesh.", "distributed.")
+             "train.learning_rate", "train.warmup_learning_rate", "train.warmup_steps", "train.autoencoder_steps",
+             "model.path", "model.remat", "model.offload_text_encoders", "sample.eval_num_steps", "data.eval_path",
+             "data.num_eval_examples", "reward.", "eval.", "checkpoint.", "mesh.", "distributed.")
 
 
 class FolderLock:

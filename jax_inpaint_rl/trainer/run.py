@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from ml_collections import ConfigDict
 
 from jax_inpaint_rl import algorithms, programs, report, setup
 from jax_inpaint_rl.algorithms import trainable as trainable_lib
@@ -25,10 +26,7 @@ from jax_inpaint_rl.models.family import Family
 from jax_inpaint_rl.parallel import mesh as mesh_lib
 from jax_inpaint_rl.parallel import partition
 from jax_inpaint_rl.rewards.calculator import RewardCalculator
-from jax_inpaint_rl.trainer import output
-
-
-PHASES = ("autoencoder", "warmup", "rl")
+from jax_inpaint_rl.trainer import control, output
 
 
 @dataclasses.dataclass
@@ -41,7 +39,7 @@ class Programs:
     sample: Callable | None  # the algorithm's collection program
     sample_eval: Callable  # deterministic rollout over sample.eval_num_steps
     policy: Any
-    updates: dict[str, tuple[Callable, Callable]] = dataclasses.field(default_factory=dict)
+    updates: dict[tuple[str, float], tuple[Callable, Callable]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -62,7 +60,7 @@ class Run:
     state: dict
     programs: Programs
     lock: output.FolderLock | None = None
-    phase: str = PHASES[0]  # where the run stands: one of PHASES
+    phase: str = "autoencoder"  # where the run stands: a phase name of train.phases
     phase_step: int = 0  # steps done in that phase
     epoch: int = 0
     history: list = dataclasses.field(default_factory=list)
@@ -118,14 +116,19 @@ class Run:
         return jax.tree.map(place, tree)
 
     def updates_for(self, algorithm: Algorithm) -> tuple[Callable, Callable]:
-        """(accumulate, apply) of `algorithm`'s objective, built on first use."""
-        if algorithm.name not in self.programs.updates:
+        """(accumulate, apply) of `algorithm`'s objective, built on first use: the SFT warm-up (and the control
+        arm) steps at train.warmup_learning_rate where the config sets one, the run's algorithm at
+        train.learning_rate (RL fine-tuning usually wants a smaller one than SFT)."""
+        train = self.config.train
+        learning_rate = (train.get("warmup_learning_rate", train.learning_rate) if algorithm is self.warmup
+                         else train.learning_rate)
+        if (algorithm.name, learning_rate) not in self.programs.updates:
             sharding = jax.tree.map(lambda a: a.sharding, self.state)
-            self.programs.updates[algorithm.name] = (
+            optimizer = programs.make_optimizer(ConfigDict({**train.to_dict(), "learning_rate": learning_rate}))
+            self.programs.updates[algorithm.name, learning_rate] = (
                 programs.make_accumulate(self.programs.policy, algorithm.objective, self.merge, sharding),
-                programs.make_apply(programs.make_optimizer(self.config.train), self.config.ema,
-                                    algorithm.after_step, sharding))
-        return self.programs.updates[algorithm.name]
+                programs.make_apply(optimizer, self.config.ema, algorithm.after_step, sharding))
+        return self.programs.updates[algorithm.name, learning_rate]
 
 
 def _global_rows(leaf) -> int:
@@ -208,6 +211,8 @@ def _assemble(config, family, params, algorithm, warmup, loaders, checkpointer, 
               for name, value in params.items() if name != family.denoiser_key}
     state = initial_state(trainable, programs.make_optimizer(config.train), algorithm.slots, config.ema.enabled,
                           jax.random.key(config.seed))
+    if config.train.get("sft_control", False):  # the control arm's start, written when the warm-up ends
+        state = control.with_slot(state)
     if config.train.autoencoder_steps > 0:  # the autoencoder fit's components and Adam state: part of a resume
         state["base"] = {name: value for name, value in frozen.items() if name not in offloaded}
         state["autoencoder_opt"] = autoencoder_optimizer(config.train).init(state["base"])
