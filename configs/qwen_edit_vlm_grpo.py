@@ -3,7 +3,9 @@ completion (how to carry out the edit) for each (image, instruction); the comple
 the DiT, which edits with true CFG 4 and a deterministic sampler; the judge at an OpenAI-compatible URL rates the
 edit (instruction following 0.6 + quality 0.4). The seed's setting: 8 generations per prompt, at most 256 new
 tokens, LoRA rank 32 / alpha 64 on the VLM's attention and MLP projections, lr 1e-5, bf16; one prompt per GPU on
-8 GPUs. Runs through jax_inpaint_rl.vlm_policy.loop.fit (policy kind 'vlm')."""
+8 GPUs (config.mesh: the batch's 64 rows split over data=8). Runs through jax_inpaint_rl.vlm_policy.loop.fit
+(policy kind 'vlm'); resumes from output_dir/checkpoints, evaluates greedy completions on the held-out set and
+ends with an inference export (output_dir/export)."""
 import ml_collections
 
 from jax_inpaint_rl.vlm_policy.loop import LORA_PATTERN
@@ -19,14 +21,17 @@ def get_config():
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "qwen_image_edit_plus"  # "Picture 1: <image>" + instruction in the user turn, as the seed
-    c.model.path = ""  # tools.convert_weights qwen-image-edit --lm-head (the policy needs its logits); "" = tiny
+    c.model.path = ""  # tools.convert_weights qwen-image-edit --lm-head (the policy needs its logits)
+    c.model.tiny = False  # a tiny random model instead (tests, CPU checks)
     c.model.param_dtype = "bfloat16"  # frozen DiT, VAE and VLM; the LoRA tree stays float32
     c.model.compute_dtype = "bfloat16"
+    c.model.remat = False  # rematerialise the VLM's and the DiT's layers in the backward pass
+    c.model.attention = "auto"  # attention kernel: auto | xla | cudnn (setup.build_family)
 
     c.data = ml_collections.ConfigDict()
     c.data.format = "jsonl"  # edit sets: records of image_path + instruction
     c.data.path = "data/edit_train.jsonl"
-    c.data.eval_path = ""
+    c.data.eval_path = "data/edit_eval.jsonl"  # held-out edits for evaluation (synthetic: generated)
     c.data.resolution = 512  # the edited size; the VLM reads the input resized to 384 x 384's area (Edit Plus)
     c.data.num_examples = 64  # synthetic only
     c.data.num_eval_examples = 16  # synthetic only
@@ -43,13 +48,17 @@ def get_config():
     c.policy.eps_high = 0.2  # > eps_low: DAPO's clip-higher (0.28 in DAPO)
     c.policy.beta = 0.0  # k3 KL to the LoRA-free VLM (trl's default 0)
     c.policy.aggregation = "dapo"  # grpo | dapo | dr_grpo (trl's default loss_type is dapo)
+    c.policy.num_iterations = 1  # passes over each sampled batch (trl's num_iterations); > 1: off-policy ratio
+    c.policy.minibatches = 1  # optimizer steps per pass, over disjoint slices of the batch (rows j, j + m, ...)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_steps = 50  # DiT steps (deterministic sampler), the pipeline's default
+    c.sample.eval_num_steps = 50  # DiT steps of evaluation's edits (and the export's default for inference)
+    c.sample.sampler = "ode"  # the DiT's solver, run without noise (diffusion/steps.py)
     c.sample.guidance_scale = 4.0  # true CFG, negative prompt " "
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_epochs = 1000  # one sampled batch and one optimizer step per epoch
+    c.train.num_epochs = 1000  # one sampled batch per epoch (num_iterations x minibatches optimizer steps)
     c.train.trainable = "lora"
     c.train.trainable_pattern = ""
     c.train.lora_pattern = LORA_PATTERN  # q / k / v / o and gate / up / down of every language-model layer
@@ -72,7 +81,24 @@ def get_config():
     c.reward.config = ml_collections.ConfigDict({"base_url": "http://127.0.0.1:8000/v1", "model": "gpt-4o",
                                                  "max_concurrency": 16, "max_retries": 3, "identity_weight": 0.0})
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.interval = 50  # epochs between evaluations (greedy completions on the held-out set; and at the end); 0 = off
+    c.eval.num_grid = 8  # held-out examples in the grid eval_<tag>.png
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # rows of a batch split over devices (-1: the devices the other axes leave)
+    c.mesh.fsdp = 1  # rows split too, and every parameter / optimizer-state matrix (ZeRO-3 style)
+    c.mesh.tensor = 1  # the DiT's tensor-parallel layers split (parallel/partition.py)
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False  # one process per host: jax.distributed.initialize before anything else
+    c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = detected
+    c.distributed.num_processes = -1  # -1 = detected
+    c.distributed.process_id = -1  # -1 = detected
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.interval = 50  # epochs; 0 = never
     c.checkpoint.keep = 2
+    c.checkpoint.resume = True  # continue from output_dir/checkpoints (the config may change only as a resume can)
+    c.checkpoint.resume_step = -1  # which checkpoint: -1 = the latest, else a saved epoch
     return c

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from jax_inpaint_rl.checkpoint.export import CONFIG_FILE, read_denoiser, read_trees
+from jax_inpaint_rl.checkpoint.export import CONFIG_FILE, holds_denoiser, read_denoiser, read_trees
 from jax_inpaint_rl.data import loaders_from_config
 from jax_inpaint_rl.diffusion.steps import STEP_FUNCTIONS, STEP_PREDICTIONS
 from jax_inpaint_rl.models import family as family_lib
@@ -219,7 +219,7 @@ def build_reward(config) -> RewardCalculator:
 
 def read_export(directory: str, use_ema: bool = False):
     """(family, params, config) of an inference export: the family rebuilt from the run's config, its
-    denoiser (or EMA) and any fitted components from the export."""
+    denoiser (or EMA; kept as built when the run trained none) and any fitted components from the export."""
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path}: not an inference export (written at the end of training in "
@@ -227,7 +227,8 @@ def read_export(directory: str, use_ema: bool = False):
     with open(config_path) as f:
         config = ConfigDict(json.load(f))
     family, params = build_family(config)
-    params = {**params, family.denoiser_key: read_denoiser(directory, params[family.denoiser_key], use_ema)}
+    if holds_denoiser(directory) or use_ema:
+        params = {**params, family.denoiser_key: read_denoiser(directory, params[family.denoiser_key], use_ema)}
     fitted = read_trees(directory, {k: v for k, v in params.items() if k != family.denoiser_key})
     return family, {**params, **fitted}, config
 

@@ -110,3 +110,28 @@ def test_bad_aggregation_and_missing_reference_are_named():
         loss_lib.aggregate(jnp.ones((1, 2)), jnp.ones((1, 2)), "bnpo2")
     with pytest.raises(ValueError, match="ref_log_probs"):
         loss_lib.grpo_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)), beta=0.1)
+
+
+@pytest.mark.parametrize("aggregation", loss_lib.AGGREGATIONS)
+def test_a_split_batch_keeps_every_token_weight(aggregation):
+    """Two slices (rows 0, 2 and 1, 3: update.minibatch's strided split) given the whole batch's token and
+    sequence counts: each slice's loss is its share of the unsplit one (the NumPy weights restricted to its rows),
+    they sum to it, and 'dapo' divides by the whole batch's kept tokens in both."""
+    whole, _ = numpy_loss(LOGP, aggregation, 0.0)
+    kept = MASK * KEEP[:, None]
+    parts = []
+    for rows in ([0, 2], [1, 3]):
+        value, _ = loss_lib.grpo_loss(jnp.asarray(LOGP[rows], jnp.float32), jnp.asarray(OLD[rows], jnp.float32),
+                                      jnp.asarray(ADVANTAGES[rows], jnp.float32), jnp.asarray(MASK[rows]),
+                                      jnp.asarray(KEEP[rows]), eps_low=EPS_LOW, eps_high=EPS_HIGH,
+                                      aggregation=aggregation, max_completion_length=MAX_LEN,
+                                      num_tokens=kept.sum(), num_sequences=len(MASK))
+        ratio = np.exp(LOGP[rows] - OLD[rows])
+        a = ADVANTAGES[rows][:, None]
+        per_token = -np.minimum(ratio * a, np.clip(ratio, 1 - EPS_LOW, 1 + EPS_HIGH) * a)
+        normaliser = {"grpo": np.maximum(kept[rows].sum(1, keepdims=True), 1) * len(MASK),
+                      "dapo": kept.sum(), "dr_grpo": len(MASK) * MAX_LEN}[aggregation]
+        np.testing.assert_allclose(float(value), np.sum(per_token * kept[rows] / normaliser), rtol=1e-6)
+        parts.append(float(value))
+    np.testing.assert_allclose(sum(parts), whole, rtol=1e-6)
+    assert min(abs(p) for p in parts) > 0  # both slices carry tokens

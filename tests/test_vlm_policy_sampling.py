@@ -1,7 +1,8 @@
 """The VLM policy's sampler (vlm_policy/sampling.py) on three tiny Qwen2.5-VL configs converted from transformers
 (fp32, with images, right-padded prompts of uneven lengths): the KV-cache decode's logits equal one full forward
 over the same tokens; the recorded log-probs equal transformers' log_softmax(logits / T) on each row's unpadded
-prompt + completion; the first GRPO ratio is exactly 1 per token; <|im_end|> stops a row; one compile."""
+prompt + completion; the first GRPO ratio is exactly 1 per token; <|im_end|> stops a row; one compile; greedy
+decoding takes the argmax."""
 from types import SimpleNamespace
 
 import jax
@@ -167,6 +168,20 @@ def test_end_token_stops_a_row_and_the_loop_compiles_once(converted):
     again = sample(converted, prompts, stop, key=8)
     assert not np.array_equal(np.asarray(again.tokens), tokens)  # another key, other tokens
     assert make(converted, stop)._cache_size() == 1
+
+
+def test_greedy_takes_the_most_likely_token(converted):
+    """Evaluation's deterministic completions: each token is the argmax of the decode's logits, whatever the key."""
+    prompts, _, _ = prompts_for(converted)
+    greedy = sampling.make_sampler(converted.vlm, lambda base, trainable: base, max_new_tokens=STEPS,
+                                   temperature=TEMPERATURE, end_id=converted.end_id, return_logits=True, greedy=True)
+    out = greedy(converted.params, {}, prompts, jax.random.key(0))
+    valid = np.asarray(out.mask).astype(bool)
+    assert np.array_equal(np.asarray(out.tokens)[valid], np.argmax(np.asarray(out.logits), -1)[valid])
+    assert np.array_equal(np.asarray(greedy(converted.params, {}, prompts, jax.random.key(1)).tokens),
+                          np.asarray(out.tokens))
+    drawn = sample(converted, prompts, converted.end_id, key=0)
+    assert not np.array_equal(np.asarray(drawn.tokens), np.asarray(out.tokens))  # sampling draws other tokens
 
 
 def test_top_p_keeps_the_nucleus():

@@ -30,13 +30,17 @@ def word_reward(word: str = WORD):
 def config(epochs: int, out: str):
     c = qwen_edit_vlm_grpo.get_config()
     c.output_dir = out
+    c.model.tiny = True
     c.model.param_dtype = c.model.compute_dtype = "float32"
     c.data.format, c.data.resolution, c.data.num_examples = "synthetic", 32, 8
     c.policy.group_size, c.policy.prompts_per_batch, c.policy.max_new_tokens = 8, 2, 8
-    c.sample.num_steps = 2
+    c.sample.num_steps = c.sample.eval_num_steps = 2
     c.train.num_epochs = epochs
     c.train.lora_rank, c.train.lora_alpha, c.train.learning_rate = 8, 16.0, 3e-2
     c.checkpoint.interval = 0
+    c.checkpoint.resume = False  # every call starts over (the output folder may hold an earlier one's metrics)
+    c.eval.interval = 0  # the fraction over training's samples is the measure
+    c.mesh.data = 1
     c.reward.factory = "tools.vlm_policy_learning:word_reward"
     c.reward.config = {"word": WORD}
     return c

@@ -10,11 +10,16 @@ eps_high > eps_low is DAPO's clip-higher. Aggregation over the completion mask m
              tokens weigh less each (the length bias Dr. GRPO points out).
 - 'dapo':    sum m l / (completion tokens in the global batch), every token weighs the same. trl divides by
              `num_items_in_batch`, the tokens of the whole accumulated batch over all processes; here that count
-             is `num_tokens` (the caller's, when the batch is split into micro-batches) or this batch's own
-             (then it equals trl's 'bnpo', which divides by the local batch's tokens).
+             is `num_tokens` (the caller's, when the batch is split) or this batch's own (then it equals trl's
+             'bnpo', which divides by the local batch's tokens).
 - 'dr_grpo': sum m l / (B x max_completion_length): a constant normaliser, no length bias at all.
 Samples the advantages module drops (groups without signal, failed rewards: `keep` False) get mask 0, so they
 add nothing and count in no token total; 'grpo' and 'dr_grpo' still count them as sequences (B is static).
+
+A split batch (update.py's minibatches, each its own optimizer step) passes the whole batch's `num_tokens` and
+`num_sequences` (its B): each slice's loss is then its share of the whole batch's, every token keeping the
+weight it has in the unsplit loss, and the slices' losses at the same parameters sum to it. (trl normalises each
+optimizer step by its own batch instead; under Adam the two differ by a per-step scale only.)
 
 Log-probs are log_softmax(logits / temperature) at the sampled token (trl's `selective_log_softmax` of logits
 divided by the sampling temperature), fp32.
@@ -48,28 +53,31 @@ def per_token_loss(log_probs, old_log_probs, advantages, *, eps_low: float, eps_
     return loss, ratio, kl
 
 
-def aggregate(values, mask, aggregation: str, max_completion_length: int | None = None, num_tokens=None):
-    """(B, T) per-token values -> scalar, as `aggregation` weighs tokens (module docstring)."""
+def aggregate(values, mask, aggregation: str, max_completion_length: int | None = None, num_tokens=None,
+              num_sequences: int | None = None):
+    """(B, T) per-token values -> scalar, as `aggregation` weighs tokens (module docstring); `num_tokens` and
+    `num_sequences` default to this batch's."""
     mask = mask.astype(jnp.float32)
     total = jnp.sum(values * mask)
+    sequences = mask.shape[0] if num_sequences is None else num_sequences
     if aggregation == "grpo":
-        return jnp.mean(jnp.sum(values * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
+        return jnp.sum(jnp.sum(values * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)) / sequences
     if aggregation == "dapo":
         return total / jnp.maximum(jnp.sum(mask) if num_tokens is None else num_tokens, 1.0)
     if aggregation == "dr_grpo":
-        return total / (mask.shape[0] * (max_completion_length or mask.shape[1]))
+        return total / (sequences * (max_completion_length or mask.shape[1]))
     raise ValueError(f"GRPO loss aggregation {aggregation!r}: expected one of {AGGREGATIONS}")
 
 
 def grpo_loss(log_probs, old_log_probs, advantages, mask, keep=None, *, eps_low: float = 0.2,
               eps_high: float = 0.2, beta: float = 0.0, ref_log_probs=None, aggregation: str = "grpo",
-              max_completion_length: int | None = None, num_tokens=None):
+              max_completion_length: int | None = None, num_tokens=None, num_sequences: int | None = None):
     """(scalar loss, metrics). log_probs / old_log_probs / ref_log_probs / mask: (B, T); advantages, keep (B,)."""
     if keep is not None:
         mask = mask * keep[:, None].astype(mask.dtype)
     loss, ratio, kl = per_token_loss(log_probs, old_log_probs, advantages, eps_low=eps_low, eps_high=eps_high,
                                      beta=beta, ref_log_probs=ref_log_probs)
-    value = aggregate(loss, mask, aggregation, max_completion_length, num_tokens)
+    value = aggregate(loss, mask, aggregation, max_completion_length, num_tokens, num_sequences)
     m = mask.astype(jnp.float32)
     tokens = jnp.maximum(jnp.sum(m), 1.0)
     clipped = (ratio < 1.0 - eps_low) | (ratio > 1.0 + eps_high)

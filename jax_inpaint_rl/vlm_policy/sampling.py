@@ -6,7 +6,12 @@ Layout. Prompts come right-padded to a static length P (the family's `tokenize`:
 max_new_tokens): one jitted prefill writes the prompts at slots 0 .. P-1, then a `lax.while_loop` decodes token k
 of every row at slot P + k, one compiled step for all k. A right-padded row's gap between its prompt and slot P
 stays masked, and every row's positions are its own (`decode_positions`: its prompt length + k + its RoPE delta),
-so the gap changes nothing. The loop stops when every row has emitted <|im_end|> (or after T tokens).
+so the gap changes nothing. The loop stops when every row has emitted <|im_end|> (or after T tokens). `greedy`
+takes each row's most likely token (evaluation's deterministic completions) instead of drawing it.
+
+Sharding. Given a mesh, the per-row arrays (the cache's batch axis, the loop's tokens, mask and log-probs, the
+outputs) are kept split over its batch axes (parallel/mesh.py): each device decodes its own rows and the
+parameters are whatever placement they come with (replicated, or fsdp-split by parallel/partition.py).
 
 Completions: tokens (B, T) int32, 0 after a row's end; mask (B, T) 1 on generated tokens, the end token included
 (trl's completion mask); a row that ran out of tokens has no end token.
@@ -28,9 +33,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_inpaint_rl.models.qwen_vl import language
 from jax_inpaint_rl.models.qwen_vl.model import QwenVL, decode_positions
+from jax_inpaint_rl.parallel.mesh import BATCH_AXES
 from jax_inpaint_rl.vlm_policy.loss import token_log_probs
 
 
@@ -47,6 +54,14 @@ class Completions(NamedTuple):
     log_probs: jax.Array  # (B, T) fp32: `score`'s, what the ratio uses
     decode_log_probs: jax.Array  # (B, T) fp32: read off the KV-cache decode
     logits: Any = None  # (B, T, V) fp32 decode logits (sampler built with return_logits=True), else None
+
+
+def split_rows(tree, mesh, axis: int = 0):
+    """Inside a jitted program: `tree`'s arrays kept split over the mesh's batch axes along `axis` (their rows);
+    unchanged without a mesh."""
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P(*(None,) * axis, BATCH_AXES)))
 
 
 def banned_ids(vlm: QwenVL) -> tuple[int, ...]:
@@ -114,11 +129,15 @@ def score(vlm: QwenVL, params, prompts: Prompts, tokens, mask, *, temperature: f
 
 
 def make_sampler(vlm: QwenVL, merge, *, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
-                 end_id: int, return_logits: bool = False, cache_dtype=jnp.float32):
+                 end_id: int, return_logits: bool = False, cache_dtype=jnp.float32, greedy: bool = False,
+                 mesh=None):
     """sample(base, trainable, prompts: Prompts, key) -> Completions, jitted; `merge(base, trainable)` gives the
-    VLM's parameters (algorithms/trainable.merge: LoRA merged inside the program)."""
+    VLM's parameters (algorithms/trainable.merge: LoRA merged inside the program). `greedy`: argmax tokens (the
+    key is not used; the log-probs are still those of softmax(logits / temperature)); `mesh`: rows split over
+    its batch axes (module docstring)."""
     if temperature <= 0:
-        raise ValueError(f"policy.temperature={temperature}: expected > 0 (sampling; greedy decoding is not GRPO)")
+        raise ValueError(f"policy.temperature={temperature}: expected > 0 (the policy's softmax temperature; "
+                         "deterministic completions: greedy=True)")
     if not 0 < top_p <= 1:
         raise ValueError(f"policy.top_p={top_p}: expected in (0, 1]")
     banned = banned_ids(vlm)
@@ -136,6 +155,8 @@ def make_sampler(vlm: QwenVL, merge, *, max_new_tokens: int = 256, temperature: 
         lengths = jnp.sum(prompts.mask, axis=1)
         deltas = rope_deltas(prompts.positions, prompts.mask)
         cache = language.init_cache(vlm.config.text, batch, length + steps, cache_dtype)
+        cache = {"key": split_rows(cache["key"], mesh, 1), "value": split_rows(cache["value"], mesh, 1),
+                 "mask": split_rows(cache["mask"], mesh)}
         hidden, cache = next_logits(params, prompts.ids, prompts.positions, prompts.mask, cache, 0,
                                     prompts.image_features)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
@@ -144,7 +165,10 @@ def make_sampler(vlm: QwenVL, merge, *, max_new_tokens: int = 256, temperature: 
         def body(carry):
             k, logits, cache, done, tokens, mask, decode_logp, kept = carry
             scaled = logits / temperature
-            token = jax.random.categorical(jax.random.fold_in(key, k), top_p_filter(scaled, top_p), axis=-1)
+            if greedy:
+                token = jnp.argmax(logits, axis=-1)
+            else:
+                token = jax.random.categorical(jax.random.fold_in(key, k), top_p_filter(scaled, top_p), axis=-1)
             token = jnp.where(done, 0, token).astype(jnp.int32)
             logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
             tokens = tokens.at[:, k].set(token)
@@ -159,12 +183,14 @@ def make_sampler(vlm: QwenVL, merge, *, max_new_tokens: int = 256, temperature: 
             return k + 1, logits, cache, done, tokens, mask, decode_logp, kept
 
         kept = jnp.zeros((batch, steps, logits.shape[-1]) if return_logits else (), jnp.float32)
-        carry = (jnp.int32(0), logits, cache, jnp.zeros(batch, bool), jnp.zeros((batch, steps), jnp.int32),
-                 jnp.zeros((batch, steps), jnp.int32), jnp.zeros((batch, steps), jnp.float32), kept)
+        rows = split_rows((jnp.zeros(batch, bool), jnp.zeros((batch, steps), jnp.int32),
+                           jnp.zeros((batch, steps), jnp.int32), jnp.zeros((batch, steps), jnp.float32)), mesh)
+        carry = (jnp.int32(0), split_rows(logits, mesh), cache, *rows, kept)
         carry = jax.lax.while_loop(lambda c: (c[0] < steps) & ~jnp.all(c[3]), body, carry)
         _, _, _, _, tokens, mask, decode_logp, kept = carry
         log_probs, _, _ = score(vlm, params, prompts, tokens, mask, temperature=temperature, end_id=end_id)
-        return Completions(tokens, mask, log_probs * mask, decode_logp, kept if return_logits else None)
+        return split_rows(Completions(tokens, mask, log_probs * mask, decode_logp, kept if return_logits else None),
+                          mesh)
 
     return sample
 

@@ -356,6 +356,8 @@ def load_modules(model_dir: str, name: str = "qwen_image_edit", dtype: Any = "fl
     family, modules = folder_family(model_dir, name, dtype, remat)
     params_dir = os.path.join(model_dir, "params")
     params = load_params(params_dir)
+    if not lm_head:  # a folder converted with --lm-head (for the VLM policy) serves the DiT's text encoder too
+        params["text_encoder"]["language_model"].pop("lm_head", None)
     check_shapes(params_dir, params, param_shapes(modules, lm_head))
     return family, modules, params
 
