@@ -304,7 +304,8 @@ def train_epoch(pipe: Pipeline, step, trainable, opt_state, batch: dict, epoch: 
               "reward_mean": float(np.mean(every_score[judged])) if judged.any() else float("nan"),
               "judged": int(judged.sum()), "failed": [r for r in reasons if r],
               "kept": int(np.asarray(advantages.keep).sum()),
-              "completion_tokens": float(np.asarray(out.mask).sum(1).mean()), "completions": made["completions"][:k]}
+              "completion_tokens": float(mesh_lib.all_hosts(mesh_lib.host_rows(out.mask).sum(1)).mean()),
+              "completions": made["completions"][:k]}
     return trainable, opt_state, record
 
 
