@@ -18,15 +18,22 @@ INSTRUCTIONS = ("make the sky a deep orange sunset", "add a hat")
 END = qwen.TINY_IDS["<|im_end|>"]
 
 
-def test_kept_tokens_are_the_user_turn_onward_and_hidden_states_match_unpadded_rows():
+def tiny_vlm_prompts(instructions):
+    """(modules, the tiny Edit Plus VLM with its lm_head, its random params, the instructions' Prompts with random
+    32 px images)."""
     modules = qwen.tiny_modules(VARIANT)
     family = qwen.make_family(modules, qwen.make_tokenize(modules, qwen.tiny_encode_texts))
     vlm = modules.vlm.clone(with_lm_head=True)
     params = qwen.vl_lib.init_params(vlm.config, jax.random.key(0), lm_head=True)
-    images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-    tokens = family.tokenize(list(INSTRUCTIONS), {"image": images})
-    grid = (qwen.vision_grid(modules, 32, 32),) * 2
-    prompts = sampling.prompts_from_tokens(vlm, params, tokens, grid)
+    images = np.random.default_rng(0).uniform(-1, 1, (len(instructions), 32, 32, 3)).astype(np.float32)
+    tokens = family.tokenize(list(instructions), {"image": images})
+    grids = (qwen.vision_grid(modules, 32, 32),) * len(instructions)
+    return modules, vlm, params, sampling.prompts_from_tokens(vlm, params, tokens, grids)
+
+
+def test_kept_tokens_are_the_user_turn_onward_and_hidden_states_match_unpadded_rows():
+    modules, vlm, params, prompts = tiny_vlm_prompts(INSTRUCTIONS)
+    grid = (qwen.vision_grid(modules, 32, 32),)
     lengths = np.asarray(prompts.mask).sum(1)
     assert lengths[0] != lengths[1]
     completion = np.array([[5, 9, END, 0], [11, 12, 13, 14]], np.int32)  # row 0 ended, row 1 ran out
@@ -48,7 +55,7 @@ def test_kept_tokens_are_the_user_turn_onward_and_hidden_states_match_unpadded_r
         assert got[2] == qwen.TINY_IDS["<|vision_start|>"]  # "Picture 1: <|vision_start|>...": the user turn
 
         alone = np.asarray(row, np.int32)[None]
-        positions, _ = qwen.vl_lib.rope_index(vlm.config, alone, None, np.array(grid[:1]))
+        positions, _ = qwen.vl_lib.rope_index(vlm.config, alone, None, np.array(grid))
         features = prompts.image_features[b * count:(b + 1) * count]
         hidden, _ = vlm.apply({"params": params}, jnp.asarray(alone), jnp.asarray(positions),
                               jnp.ones_like(alone), image_features=features)

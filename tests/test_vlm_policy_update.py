@@ -11,8 +11,8 @@ import pytest
 from jax_inpaint_rl.algorithms import trainable as trainable_lib
 from jax_inpaint_rl.models.qwen_image import family as qwen
 from jax_inpaint_rl.vlm_policy import loop, sampling, update
+from tests.test_vlm_policy_condition import tiny_vlm_prompts
 
-VARIANT = "qwen_image_edit_plus"
 END = qwen.TINY_IDS["<|im_end|>"]
 STEPS = 4
 EPS_LOW, EPS_HIGH = 0.2, 0.28
@@ -47,13 +47,7 @@ def test_minibatches_are_strided_disjoint_and_cover_the_batch():
 
 @pytest.mark.slow  # compile-bound (sampling / update programs): CI's second stage
 def test_first_ratio_is_one_then_the_updates_move_it_into_the_clip():
-    modules = qwen.tiny_modules(VARIANT)
-    family = qwen.make_family(modules, qwen.make_tokenize(modules, qwen.tiny_encode_texts))
-    vlm = modules.vlm.clone(with_lm_head=True)
-    params = qwen.vl_lib.init_params(vlm.config, jax.random.key(0), lm_head=True)
-    images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
-    tokens = family.tokenize(["make it red", "add a hat", "remove the dog", "a blue sky"], {"image": images})
-    prompts = sampling.prompts_from_tokens(vlm, params, tokens, (qwen.vision_grid(modules, 32, 32),) * 4)
+    _, vlm, params, prompts = tiny_vlm_prompts(["make it red", "add a hat", "remove the dog", "a blue sky"])
     spec = trainable_lib.Trainable("lora", rank=4, alpha=8.0, lora_pattern=loop.LORA_PATTERN)
     merge = lambda base, trainable: trainable_lib.merge(spec, base, trainable)  # noqa: E731
     lora = trainable_lib.init(spec, params, jax.random.key(1))
