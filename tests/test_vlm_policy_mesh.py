@@ -45,10 +45,10 @@ def one_epoch(axes: dict):
         train.close()
     made = loop.edit(pipe, trainable, batch, config.policy.group_size, jax.random.key(3))
     rows = len(made["instructions"])
-    advantages = loop.global_rows(mesh, np.linspace(-1.0, 1.0, rows, dtype=np.float32))
+    advantages = mesh_lib.from_host_rows(mesh, np.linspace(-1.0, 1.0, rows, dtype=np.float32))
     out = made["out"]
     batch = update.UpdateBatch(made["prompts"], out.tokens, out.mask, out.log_probs, advantages,
-                               loop.global_rows(mesh, np.ones(rows, bool)))
+                               mesh_lib.from_host_rows(mesh, np.ones(rows, bool)))
     for index in range(config.policy.minibatches):
         trainable, opt_state, metrics = step(trainable, opt_state, pipe.base, batch, index)
         assert float(metrics["skipped"]) == 0

@@ -79,6 +79,16 @@ def host_rows(array) -> np.ndarray:
     return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])
 
 
+def from_host_rows(mesh: Mesh, local) -> jax.Array:
+    """The global batch-sharded array whose rows on this host are `local` (each host passes its own rows)."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(local))
+
+
+def host_share(everyone: np.ndarray) -> np.ndarray:
+    """This host's rows of a host-major array of every host's rows (the inverse of `all_hosts`)."""
+    return everyone.reshape(jax.process_count(), -1, *everyone.shape[1:])[jax.process_index()]
+
+
 def all_hosts(local: np.ndarray) -> np.ndarray:
     """Every host's rows of a per-sample host array, host-major (the global batch order)."""
     if jax.process_count() == 1:

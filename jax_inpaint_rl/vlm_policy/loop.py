@@ -143,16 +143,6 @@ def group_noise(seed: int, example_index, group_size: int, latent_shape):
     return jnp.repeat(noise, group_size, axis=0)
 
 
-def global_rows(mesh, local):
-    """This host's rows -> the global array, split over the mesh's batch axes (each host holds its rows)."""
-    return jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh), np.asarray(local))
-
-
-def host_share(everyone: np.ndarray) -> np.ndarray:
-    """This host's rows of a host-major array of every host's rows (mesh_lib.all_hosts' order)."""
-    return everyone.reshape(jax.process_count(), -1, *everyone.shape[1:])[jax.process_index()]
-
-
 def check_config(config, data_parallel: int) -> None:
     """Refuse, before anything is built, settings the loop cannot run, naming the key."""
     p = config.policy
@@ -258,10 +248,11 @@ def edit(pipe: Pipeline, trainable, batch: dict, group_size: int, key, *, greedy
     host_inputs = {"image": images}
     height, width = images.shape[1:3]
     grid = (qwen.vision_grid(pipe.modules, height, width),) * (len(images) * jax.process_count())
-    tokens = jax.tree_util.tree_map(lambda a: global_rows(mesh, a), family.tokenize(instructions, host_inputs))
-    negative = jax.tree_util.tree_map(lambda a: global_rows(mesh, a),
+    to_global = lambda a: mesh_lib.from_host_rows(mesh, a)  # noqa: E731
+    tokens = jax.tree_util.tree_map(to_global, family.tokenize(instructions, host_inputs))
+    negative = jax.tree_util.tree_map(to_global,
                                       family.tokenize([family.negative_prompt] * len(images), host_inputs))
-    inputs = {"image": global_rows(mesh, images)}
+    inputs = {"image": mesh_lib.from_host_rows(mesh, images)}
     prompts = sampling.Prompts(tokens["ids"], tokens["mask"], jnp.moveaxis(tokens["positions"], -1, 0),
                                pipe.features(pipe.base, tokens["pixels"], grid))
     out = (pipe.sample_greedy if greedy else pipe.sample)(pipe.base, trainable, prompts, key)
@@ -270,7 +261,7 @@ def edit(pipe: Pipeline, trainable, batch: dict, group_size: int, key, *, greedy
     noise = group_noise(pipe.config.seed, np.repeat(batch["example_index"], group_size), group_size,
                         family.latent_shape(height, width))
     render = pipe.render_eval if greedy else pipe.render
-    edited = render(pipe.frozen, cond, global_rows(mesh, noise), inputs)
+    edited = render(pipe.frozen, cond, mesh_lib.from_host_rows(mesh, noise), inputs)
     return {"prompts": prompts, "out": out, "instructions": instructions, "sources": report.to_uint8(images),
             "edited": report.to_uint8(mesh_lib.host_rows(edited)),
             "completions": pipe.decode_texts(mesh_lib.host_rows(out.tokens), mesh_lib.host_rows(out.mask))}
@@ -291,8 +282,8 @@ def train_epoch(pipe: Pipeline, step, trainable, opt_state, batch: dict, epoch: 
     out = made["out"]
     batch_for_update = update.UpdateBatch(
         made["prompts"], out.tokens, out.mask, out.log_probs,
-        global_rows(mesh, host_share(np.asarray(advantages.advantages))),
-        global_rows(mesh, host_share(np.asarray(advantages.keep))))
+        mesh_lib.from_host_rows(mesh, mesh_lib.host_share(np.asarray(advantages.advantages))),
+        mesh_lib.from_host_rows(mesh, mesh_lib.host_share(np.asarray(advantages.keep))))
     steps = []
     for _ in range(p.num_iterations):
         for index in range(p.minibatches):
